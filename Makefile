@@ -1,0 +1,53 @@
+# h3de: `make help` lists the targets. Every target installs into .venv first when it is missing or
+# when setup.cfg / constraints.txt changed (the stamp file name carries their checksum).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg constraints.txt | cksum | cut -d' ' -f1)
+PHANTOM := data/phantom
+EXPERIMENT ?= experiments/phantom_unet.yaml
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install data train test test-all lint format benchmark clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) ## create .venv and install h3de with its dev tools (torch pinned by constraints.txt)
+
+$(PHANTOM)/dataset.json: | $(STAMP)
+	$(BIN)/h3de data phantom --out $(PHANTOM) --seed 0
+
+data: $(PHANTOM)/dataset.json ## generate the built-in phantom dataset (data/phantom)
+
+train: $(STAMP) $(PHANTOM)/dataset.json ## train EXPERIMENT (default experiments/phantom_unet.yaml); extra overrides in ARGS="key=value ..."
+	$(BIN)/h3de train $(EXPERIMENT) $(ARGS)
+
+test: $(STAMP) ## run the default test suite (slow tests excluded)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-all: $(STAMP) ## run every test, the slow ones included
+	$(BIN)/python -m pytest -q -m "slow or not slow" $(ARGS)
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(STAMP) ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+benchmark: $(STAMP) ## run the benchmarks and rewrite benchmarks/RESULTS.md
+	$(BIN)/python benchmarks/heatmap_targets.py
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean: ## remove runs and generated data (keeps .venv)
+	rm -rf runs wandb $(PHANTOM)

@@ -1,0 +1,1 @@
+"""Datasets: manifest, landmark files, the phantom generator, transforms and the DataModule."""
