@@ -224,6 +224,10 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    from h3de.networks import available_networks  # late: networks import torch/monai
+
+    if cfg.model.name not in available_networks():
+        raise ConfigError(f"model.name='{cfg.model.name}' is not a registered network (known: {', '.join(available_networks())})")
     for key in ("data.spacing_mm", "data.patch_size", "data.augment.rotate_deg"):
         value = OmegaConf.select(cfg, key)
         if len(value) != 3:

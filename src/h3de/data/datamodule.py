@@ -1,0 +1,133 @@
+"""LightningDataModule over a manifest: validated cases, cached preprocessing, per-device batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import nibabel as nib
+import torch
+from monai.data import CacheDataset
+from torch.utils.data import DataLoader
+
+from h3de.config import DataConfig
+from h3de.data.manifest import Case, Manifest, load_manifest
+from h3de.data.pipelines import build_transforms
+from h3de.errors import DataError, H3deError
+
+__all__ = ["LandmarkDataModule", "check_case"]
+
+
+def check_case(manifest: Manifest, case: Case) -> torch.Tensor:
+    """Validate one case without reading the voxel data; return its (1, L, 3) world landmarks.
+
+    Raises:
+        DataError: unreadable image header, an image that is not 3D, or a landmark file whose names
+            disagree with the manifest.
+    """
+    try:
+        header_shape = nib.load(case.image).shape
+    except Exception as e:
+        raise DataError(f"{case.image}: cannot read image ({type(e).__name__}: {e})") from None
+    spatial = [s for s in header_shape[3:] if s != 1]
+    if len(header_shape) < 3 or spatial:
+        raise DataError(f"{case.image}: expected a 3D volume, got shape {tuple(header_shape)}")
+    positions = manifest.read_case_landmarks(case)
+    return torch.as_tensor(positions, dtype=torch.float64)[None]
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The H3deError behind MONAI's wrapping of transform errors, if any."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, H3deError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return error
+
+
+class LandmarkDataModule(L.LightningDataModule):
+    """Train/val/test loaders of heatmap samples for the cases of a manifest.
+
+    The manifest and every case (image header, landmark names) are validated at construction, so bad
+    input stops before any output is written. ``cfg.batch_size`` is the global batch: each of the
+    trainer's devices loads ``batch_size / world_size`` samples.
+
+    Args:
+        cfg: the ``data`` section of the experiment config.
+        manifest_path: overrides ``cfg.root / cfg.manifest``.
+    """
+
+    def __init__(self, cfg: DataConfig, manifest_path: str | Path | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.manifest = load_manifest(manifest_path or Path(cfg.root) / cfg.manifest)
+        self.records = {split: self._records(split) for split in ("train", "val", "test")}
+        self.datasets: dict[tuple[str, bool], CacheDataset] = {}  # (split, augmented) -> dataset
+        self.batch_size_per_device = cfg.batch_size
+
+    @property
+    def landmark_names(self) -> list[str]:
+        return list(self.manifest.landmark_names)
+
+    def _records(self, split: str) -> list[dict]:
+        return [
+            {"image": str(case.image), "landmarks_world": check_case(self.manifest, case), "case_id": case.id}
+            for case in self.manifest.split(split)
+        ]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            world = self.trainer.world_size
+            if self.cfg.batch_size % world:
+                raise DataError(
+                    f"data.batch_size={self.cfg.batch_size} is not divisible by the number of devices ({world})"
+                )
+            self.batch_size_per_device = self.cfg.batch_size // world
+        wanted = {"fit": (("train", True), ("val", False)), "validate": (("val", False),), "test": (("test", False),)}
+        for split, augmented in wanted.get(stage, (("train", True), ("val", False), ("test", False))):
+            self._dataset(split, augmented)
+
+    def _dataset(self, split: str, augmented: bool) -> CacheDataset:
+        if (split, augmented) in self.datasets:
+            return self.datasets[split, augmented]
+        if not self.records[split]:
+            raise DataError(f"{self.manifest.path}: the '{split}' split has no cases")
+        transform = build_transforms(self.cfg, self.manifest.mirror_permutation(), train=augmented)
+        try:
+            dataset = CacheDataset(
+                self.records[split], transform, cache_rate=self.cfg.cache_rate, num_workers=None, progress=False
+            )
+        except Exception as e:
+            cause = _root_cause(e)
+            if cause is e:
+                raise
+            raise cause from None
+        self.datasets[split, augmented] = dataset
+        return dataset
+
+    def _loader(self, split: str, shuffle: bool, augmented: bool) -> DataLoader:
+        dataset = self._dataset(split, augmented)
+        workers = self.cfg.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size_per_device,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) >= self.batch_size_per_device,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, augmented=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False, augmented=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False, augmented=False)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Unshuffled, unaugmented loader of any split (used by evaluation)."""
+        return self._loader(split, shuffle=False, augmented=False)

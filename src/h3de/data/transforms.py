@@ -1,0 +1,135 @@
+"""Custom MONAI dictionary transforms for landmark samples.
+
+A sample dict carries ``image`` (MetaTensor, its affine tracking every spatial transform) and
+``landmarks_world`` ((L, 3) RAS mm, NaN rows = absent). Points are moved onto the final voxel grid
+once, after all spatial transforms, through MONAI's ``ApplyTransformToPointsd``; these transforms
+add what MONAI lacks: the label swap of a left/right flip, heatmap targets, and packing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import Flip, MapTransform, RandomizableTransform
+
+from h3de.targets import gaussian_heatmaps, points_in_volume
+
+__all__ = ["RandMirrord", "LandmarkHeatmapd", "PackLandmarkSampled"]
+
+
+class RandMirrord(RandomizableTransform, MapTransform):
+    """Left/right flip that mirrors the anatomy and swaps the labels of mirrored landmark pairs.
+
+    The image is flipped along ``spatial_axis`` (the left-right axis after ``Orientationd("RAS")``)
+    and its affine updated, so each landmark keeps its world position on the anatomy; the mirrored
+    image shows a subject whose left is the original right, so the rows of each mirrored pair are
+    swapped in ``landmark_keys``.
+
+    Args:
+        keys: image keys to flip.
+        landmark_keys: keys of (..., L, 3) per-landmark points whose rows follow the label swap.
+        permutation: length-L index permutation swapping the mirrored pairs.
+        prob: probability of flipping.
+        spatial_axis: the left-right axis of the image (0 for RAS-oriented images).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        landmark_keys: Sequence[str],
+        permutation: Sequence[int],
+        prob: float = 0.5,
+        spatial_axis: int = 0,
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        if sorted(permutation) != list(range(len(permutation))):
+            raise ValueError(f"permutation {list(permutation)} is not a permutation of 0..{len(permutation) - 1}")
+        self.landmark_keys = tuple(landmark_keys)
+        self.permutation = torch.as_tensor(list(permutation), dtype=torch.long)
+        self.flipper = Flip(spatial_axis=spatial_axis)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = self.flipper(d[key])
+        for key in self.landmark_keys:
+            d[key] = d[key].index_select(-2, self.permutation)
+        return d
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+class LandmarkHeatmapd(MapTransform):
+    """Gaussian heatmap targets from voxel-space landmarks, plus the loss mask.
+
+    Reads ``points_key`` ((L, 3) or (1, L, 3) voxel coordinates of ``image_key``'s grid) and writes
+    ``heatmap_key`` ((L, D, H, W) float32) and ``mask_key`` ((L,) bool: present and inside the grid).
+
+    Args:
+        points_key: key of the voxel coordinates.
+        image_key: key of the image whose spatial size the heatmaps take.
+        sigma: Gaussian standard deviation in voxels.
+        heatmap_key: output key of the heatmaps.
+        mask_key: output key of the loss mask.
+    """
+
+    def __init__(
+        self,
+        points_key: str,
+        image_key: str,
+        sigma: float,
+        heatmap_key: str = "heatmap",
+        mask_key: str = "loss_mask",
+    ) -> None:
+        super().__init__([points_key])
+        if sigma <= 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        self.points_key, self.image_key, self.sigma = points_key, image_key, sigma
+        self.heatmap_key, self.mask_key = heatmap_key, mask_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        points = _plain(d[self.points_key]).reshape(-1, 3)
+        spatial_size = tuple(d[self.image_key].shape[1:])
+        inside = points_in_volume(points, spatial_size)
+        d[self.heatmap_key] = gaussian_heatmaps(torch.where(inside[:, None], points, torch.nan), spatial_size, self.sigma)
+        d[self.mask_key] = inside
+        return d
+
+
+class PackLandmarkSampled(MapTransform):
+    """Final step: plain tensors for the network and the metrics, one fixed set of keys.
+
+    Output keys: ``image`` (C, D, H, W) float32 plain tensor; ``affine`` (4, 4) float64 voxel-to-world
+    of that image; ``landmarks_voxel`` (L, 3) float32; ``landmarks_world`` (L, 3) float64 RAS mm;
+    ``present`` (L,) bool; ``loss_mask`` (L,) bool; ``heatmap`` (L, D, H, W) float32; ``case_id``.
+    """
+
+    def __init__(self, image_key: str = "image", points_key: str = "landmarks_voxel") -> None:
+        super().__init__([image_key, points_key])
+        self.image_key, self.points_key = image_key, points_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        image = data[self.image_key]
+        if not isinstance(image, MetaTensor):
+            raise TypeError(f"'{self.image_key}' must be a MetaTensor carrying its affine")
+        world = _plain(data["landmarks_world"]).reshape(-1, 3).to(torch.float64)
+        return {
+            "image": image.as_tensor().float(),
+            "affine": image.affine.to(torch.float64).clone(),
+            "landmarks_voxel": _plain(data[self.points_key]).reshape(-1, 3).float(),
+            "landmarks_world": world,
+            "present": torch.isfinite(world).all(dim=-1),
+            "loss_mask": data["loss_mask"],
+            "heatmap": data["heatmap"],
+            "case_id": data["case_id"],
+        }

@@ -1,0 +1,128 @@
+"""LandmarkModule: the LightningModule around a heatmap network — loss, metrics, optimisation, logging.
+
+It knows nothing of files. It is built from the resolved experiment config (a plain dict, saved in
+every checkpoint) and the landmark names, so a checkpoint alone rebuilds it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MinMetric
+
+from h3de.config import config_from_dict
+from h3de.geometry import voxel_to_world
+from h3de.losses import build_loss
+from h3de.metrics import LandmarkErrors
+from h3de.networks import build_network
+from h3de.targets import decode_heatmaps
+
+__all__ = ["LandmarkModule"]
+
+
+class LandmarkModule(L.LightningModule):
+    """Heatmap landmark detector.
+
+    Args:
+        config: resolved experiment config as a plain dict (``h3de.config.to_container``).
+        landmark_names: the manifest's landmark names; one output channel each.
+    """
+
+    def __init__(self, config: dict[str, Any], landmark_names: list[str]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = config_from_dict(config)
+        self.landmark_names = list(landmark_names)
+        model = self.cfg.model
+        self.network = build_network(model.name, 1, len(landmark_names), model.get(model.name, {}))
+        self.loss = build_loss(self.cfg.loss)
+        radii = tuple(self.cfg.sdr_radii_mm)
+        self.train_errors = LandmarkErrors(radii)
+        self.val_errors = LandmarkErrors(radii)
+        self.test_errors = LandmarkErrors(radii)
+        self.val_mre_best = MinMetric()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) image -> (B, L, D, H, W) heatmaps (or logits, for spatial_ce)."""
+        return self.network(image)
+
+    def decode(self, output: torch.Tensor, affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network output -> ((B, L, 3) voxel coordinates, (B, L, 3) float64 world mm)."""
+        voxel = decode_heatmaps(output, log_input=self.loss.log_domain)
+        return voxel, voxel_to_world(voxel.double(), affine.double())
+
+    def model_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and (B, L, 3) predicted world mm for a packed batch."""
+        output = self(batch["image"])
+        loss = self.loss(output, batch["heatmap"], batch["loss_mask"])
+        _, world = self.decode(output, batch["affine"])
+        return loss, world
+
+    def on_train_start(self) -> None:
+        self.val_errors.reset()
+        self.val_mre_best.reset()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, world = self.model_step(batch)
+        self.train_errors.update(world, batch["landmarks_world"], batch["present"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(world))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_errors("train", self.train_errors, per_landmark=False)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, world = self.model_step(batch)
+        self.val_errors.update(world, batch["landmarks_world"], batch["present"])
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(world))
+
+    def on_validation_epoch_end(self) -> None:
+        mre = self._log_errors("val", self.val_errors, per_landmark=True)
+        if torch.isfinite(mre):
+            self.val_mre_best(mre)
+            self.log("val/mre_mm_best", self.val_mre_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, world = self.model_step(batch)
+        self.test_errors.update(world, batch["landmarks_world"], batch["present"])
+        self.log("test/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(world))
+
+    def on_test_epoch_end(self) -> None:
+        self._log_errors("test", self.test_errors, per_landmark=True)
+
+    def _log_errors(self, stage: str, metric: LandmarkErrors, per_landmark: bool) -> torch.Tensor:
+        values = metric.compute()
+        metric.reset()
+        per = values.pop("per_landmark")
+        values.pop("count")
+        for key, value in values.items():
+            self.log(f"{stage}/{key}", value.float(), prog_bar=key == "mre_mm")
+        if per_landmark:
+            for name, value in zip(self.landmark_names, per, strict=True):
+                self.log(f"{stage}/mre_mm/{name}", value.float())
+        return values["mre_mm"]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.cfg.optim
+        params = self.parameters()
+        if cfg.name == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        elif cfg.name == "adam":
+            optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        epochs = self.cfg.trainer.max_epochs
+        warmup = min(cfg.warmup_epochs, epochs - 1)
+        if cfg.scheduler == "cosine":
+            main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs - warmup, 1))
+        elif cfg.scheduler == "exponential":
+            main = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
+        else:
+            main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+        scheduler = main
+        if warmup > 0:
+            ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
+            scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

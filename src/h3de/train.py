@@ -1,0 +1,95 @@
+"""``train(cfg)``: validate the data and model, make the run directory, fit, return the results."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig
+
+from h3de.config import save_config, to_container
+from h3de.data.datamodule import LandmarkDataModule
+from h3de.loggers import build_loggers
+from h3de.module import LandmarkModule
+
+__all__ = ["TrainResult", "train", "make_run_dir"]
+
+_RUN_DIR_ENV = "H3DE_RUN_DIR"  # lets re-launched DDP workers write into rank 0's run directory
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path | None
+    best_val_mre_mm: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    """``output_dir/name/<timestamp>`` (new, unique); DDP workers reuse rank 0's directory."""
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0 and os.environ.get(_RUN_DIR_ENV):
+        return Path(os.environ[_RUN_DIR_ENV])
+    base = Path(cfg.output_dir) / cfg.name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir, n = base / stamp, 1
+    while run_dir.exists():
+        run_dir, n = base / f"{stamp}-{n}", n + 1
+    run_dir.mkdir(parents=True)
+    os.environ[_RUN_DIR_ENV] = str(run_dir)
+    return run_dir
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    """Train the experiment ``cfg`` (a resolved config from :func:`h3de.config.load_config`).
+
+    Everything that can fail on user input (manifest, images, landmark files, model arguments) is
+    checked before the run directory is created.
+    """
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = LandmarkDataModule(cfg.data)
+    module = LandmarkModule(to_container(cfg), datamodule.landmark_names)
+
+    run_dir = make_run_dir(cfg)
+    save_config(cfg, run_dir / "config.yaml")
+    loggers = build_loggers(cfg.logger, run_dir, run_name=f"{cfg.name}-{run_dir.name}")
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor="val/mre_mm",
+        mode="min",
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    callbacks = [checkpoint] + ([LearningRateMonitor("epoch")] if loggers else [])
+    t = cfg.trainer
+    trainer = L.Trainer(
+        default_root_dir=run_dir,
+        logger=loggers or False,
+        callbacks=callbacks,
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        gradient_clip_val=t.gradient_clip_val or None,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        log_every_n_steps=t.log_every_n_steps,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        fast_dev_run=t.fast_dev_run,
+        deterministic=t.deterministic,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    score = checkpoint.best_model_score
+    return TrainResult(run_dir, best, float(score) if score is not None else None, metrics)
