@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from h3de.config import config_from_dict, load_config, save_config, to_container
+from h3de.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_file_and_overrides_merge_in_order(tmp_path):
+    path = write(tmp_path, "data:\n  batch_size: 8\n  spacing_mm: [2, 2, 3]\noptim:\n  lr: 0.01\n")
+    cfg = load_config(path, ["optim.lr=0.5", "trainer.max_epochs=7"])
+    assert cfg.data.batch_size == 8  # file over default
+    assert list(cfg.data.spacing_mm) == [2.0, 2.0, 3.0]
+    assert cfg.optim.lr == 0.5  # override over file
+    assert cfg.trainer.max_epochs == 7
+    assert cfg.data.patch_size == [48, 48, 48]  # untouched default
+    assert cfg.name == "exp"  # named after the file when the file does not name it
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("data.batchsize=2", "data.batchsize"),
+        ("nosuchsection.x=1", "nosuchsection"),
+        ("data.batch_size=abc", "data.batch_size"),
+        ("loss.name=l1", "loss.name"),
+        ("model.name=resnet", "model.name='resnet'"),
+        ("data.spacing_mm=[1,2]", "data.spacing_mm"),
+        ("data.augment.flip_prob=1.5", "data.augment.flip_prob"),
+        ("optim.lr=-1", "optim.lr"),
+        ("no_equals_sign", "key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = write(tmp_path, "trainer:\n  max_epoch: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "trainer.max_epoch" in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "data: [unclosed\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["data.batch_size=6", "logger.tags=[a,b]"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    reloaded = load_config(tmp_path / "run" / "config.yaml")
+    assert to_container(reloaded) == to_container(cfg)
+    assert to_container(config_from_dict(to_container(cfg))) == to_container(cfg)
+    assert not list((tmp_path / "run").glob("*.tmp*"))
+
+
+def test_config_is_struct():
+    cfg = load_config()
+    assert OmegaConf.is_struct(cfg)
+    with pytest.raises(Exception):
+        cfg.data.not_a_key = 1
+
+
+def test_every_experiment_file_loads():
+    for path in sorted(Path(__file__).parents[1].joinpath("experiments").glob("*.yaml")):
+        load_config(path)

@@ -1,0 +1,45 @@
+import math
+
+import pytest
+import torch
+
+from h3de.metrics import LandmarkErrors, radial_errors, summarize_errors
+
+NAN = float("nan")
+
+
+def test_hand_computed_case_with_missing_landmarks():
+    target = torch.zeros(2, 3, 3, dtype=torch.float64)
+    predicted = target.clone()
+    predicted[0, 0] = torch.tensor([3.0, 4.0, 0.0])  # 5 mm
+    predicted[0, 1] = torch.tensor([1.0, 0.0, 0.0])  # 1 mm
+    predicted[0, 2] = torch.tensor([100.0, 0.0, 0.0])  # absent: ignored
+    predicted[1, 0] = torch.tensor([0.0, 0.0, 2.0])  # 2 mm
+    predicted[1, 1] = torch.tensor([0.0, 2.5, 0.0])  # 2.5 mm
+    predicted[1, 2] = torch.tensor([0.0, 0.0, 0.0])  # 0 mm
+    present = torch.tensor([[True, True, False], [True, True, True]])
+    errors = radial_errors(predicted, target, present)
+    assert math.isnan(errors[0, 2])
+    values = [5.0, 1.0, 2.0, 2.5, 0.0]
+    mean = sum(values) / 5  # 2.1
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 5)
+    summary = summarize_errors(errors, (2.0, 2.5, 3.0, 4.0))
+    assert summary["mre_mm"] == pytest.approx(2.1)
+    assert summary["mre_sd_mm"] == pytest.approx(sd)
+    assert summary["sdr_2mm"] == pytest.approx(60.0)  # 1, 2, 0
+    assert summary["sdr_2.5mm"] == pytest.approx(80.0)
+    assert summary["sdr_4mm"] == pytest.approx(80.0)
+    assert summary["count"] == 5
+
+    metric = LandmarkErrors((2.0, 2.5, 3.0, 4.0))
+    metric.update(predicted[:1], target[:1], present[:1])  # two batches accumulate
+    metric.update(predicted[1:], target[1:], present[1:])
+    out = metric.compute()
+    assert out["mre_mm"].item() == pytest.approx(2.1)
+    assert torch.allclose(out["per_landmark"], torch.tensor([3.5, 1.75, 0.0], dtype=torch.float64))
+
+
+def test_nothing_present_gives_nan():
+    errors = torch.full((2, 3), NAN)
+    summary = summarize_errors(errors, (2.0,))
+    assert math.isnan(summary["mre_mm"]) and math.isnan(summary["sdr_2mm"]) and summary["count"] == 0
