@@ -161,8 +161,10 @@ def write_landmarks(path: str | os.PathLike, names: list[str], positions: np.nda
         markup = {"type": "Fiducial", "coordinateSystem": "RAS", "coordinateUnits": "mm", "controlPoints": points}
         text = json.dumps({"@schema": _SLICER_SCHEMA, "markups": [markup]}, indent=2)
     else:
-        lines = ["name,x,y,z"]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["name", "x", "y", "z"])
         for name, xyz, gone in zip(names, positions, absent, strict=True):
-            lines.append(f"{name},,," if gone else f"{name},{xyz[0]!r},{xyz[1]!r},{xyz[2]!r}")
-        text = "\n".join(lines) + "\n"
+            writer.writerow([name, "", "", ""] if gone else [name, *(repr(float(v)) for v in xyz)])
+        text = buffer.getvalue()
     atomic_write(path, text)

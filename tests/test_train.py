@@ -1,0 +1,105 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from h3de.cli import main
+from h3de.config import load_config
+from h3de.evaluate import evaluate, load_checkpoint
+from h3de.train import train
+
+SMALL = [
+    "data.patch_size=[32,32,32]",
+    "data.spacing_mm=[3,3,3]",
+    "data.batch_size=2",
+    "model.unet.channels=[8,16,32]",
+    "model.unet.strides=[2,2]",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def small_cfg(blob_dataset, tmp_path, *overrides):
+    return load_config(
+        None, [f"data.root={blob_dataset.parent}", f"output_dir={tmp_path / 'runs'}", *SMALL, *overrides]
+    )
+
+
+def test_fast_dev_run(blob_dataset, tmp_path):
+    result = train(small_cfg(blob_dataset, tmp_path, "trainer.fast_dev_run=true", "logger.name=none"))
+    assert (result.run_dir / "config.yaml").is_file()
+    assert torch.isfinite(torch.tensor(result.metrics["train/loss_step"]))
+
+
+def test_train_writes_config_metrics_checkpoints_and_evaluates(blob_dataset, tmp_path):
+    cfg = small_cfg(blob_dataset, tmp_path, "trainer.max_epochs=2", "logger.name=csv", "name=blobs")
+    result = train(cfg)
+    assert result.run_dir.parent.name == "blobs"
+    saved = load_config(result.run_dir / "config.yaml")
+    assert saved.data.batch_size == 2 and saved.trainer.max_epochs == 2
+    with open(result.run_dir / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    keys = set(rows[0])
+    for key in ("train/loss_step", "val/mre_mm", "val/mre_sd_mm", "val/sdr_2mm", "val/sdr_2.5mm", "val/mre_mm/a_L"):
+        assert key in keys
+    assert sum(1 for r in rows if r["val/mre_mm"]) == 2  # one per epoch, nothing from the sanity check
+    assert result.best_checkpoint.name == "best.ckpt" and (result.run_dir / "checkpoints" / "last.ckpt").is_file()
+
+    module = load_checkpoint(result.best_checkpoint)  # weights_only load, rebuilt from the saved config
+    assert module.landmark_names == ["a_L", "a_R", "top", "front"]
+
+    out = evaluate(result.best_checkpoint, "test", tmp_path / "eval")
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["num_cases"] == 1 and summary["split"] == "test"
+    assert summary["mre_mm"] == pytest.approx(float(torch.nanmean(out.errors)))
+    with open(tmp_path / "eval" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and all(float(r["error_mm"]) >= 0 for r in rows)
+    assert {p.name for p in (tmp_path / "eval").iterdir()} == {
+        "predictions.csv",
+        "per_landmark.csv",
+        "per_case.csv",
+        "summary.json",
+        "predictions",
+    }
+    assert (tmp_path / "eval" / "predictions" / "case_5.mrk.json").is_file()
+
+
+def test_wandb_offline_run_is_written_locally(blob_dataset, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = train(small_cfg(blob_dataset, tmp_path, "trainer.max_epochs=1", "logger.name=wandb"))
+    runs = list((result.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert (result.run_dir / "logs" / "metrics.csv").is_file()
+
+
+def test_cli_bad_input_fails_cleanly_without_output(blob_dataset, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    base = ["train", f"data.root={blob_dataset.parent}", f"output_dir={runs}"]
+    assert main(base + ["data.batchsize=3"]) == 2
+    assert "data.batchsize" in capsys.readouterr().err
+    assert main(base + ["model.name=nonet"]) == 2
+    assert "model.name='nonet'" in capsys.readouterr().err
+    assert main(["train", f"data.root={tmp_path / 'nowhere'}", f"output_dir={runs}"]) == 2
+    assert "manifest not found" in capsys.readouterr().err
+    assert main(base + ["model.unet.strides=[2]"]) == 2
+    assert "model.unet" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing.ckpt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    assert main(["evaluate", str(tmp_path / "junk.ckpt")]) == 2
+    assert "not a loadable h3de checkpoint" in capsys.readouterr().err
+    assert not runs.exists()
+
+
+def test_cli_train_runs_experiment_file(blob_dataset, tmp_path, capsys):
+    path = tmp_path / "exp.yaml"
+    path.write_text("trainer:\n  max_epochs: 1\nlogger:\n  name: none\n")
+    args = ["train", str(path), f"data.root={blob_dataset.parent}", f"output_dir={tmp_path / 'runs'}", *SMALL]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "best val MRE:" in out and (tmp_path / "runs" / "exp").is_dir()
