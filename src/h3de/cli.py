@@ -52,7 +52,8 @@ def _train(args: argparse.Namespace) -> None:
     if result.best_checkpoint is not None:
         print(f"best checkpoint: {result.best_checkpoint}")
     if result.best_val_mre_mm is not None:
-        print(f"best val MRE: {result.best_val_mre_mm:.2f} mm")
+        print(f"best val MRE: {result.best_val_mre_mm:.2f} mm", end=" ")
+        print(f"(landmark spread: {result.val_spread_mm:.2f} mm, the MRE of predicting mean training positions)")
 
 
 def _evaluate(args: argparse.Namespace) -> None:

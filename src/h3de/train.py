@@ -26,6 +26,7 @@ class TrainResult:
     run_dir: Path
     best_checkpoint: Path | None
     best_val_mre_mm: float | None
+    val_spread_mm: float  # MRE of predicting each landmark at its mean training position
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -92,4 +93,5 @@ def train(cfg: DictConfig) -> TrainResult:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     score = checkpoint.best_model_score
-    return TrainResult(run_dir, best, float(score) if score is not None else None, metrics)
+    spread = datamodule.mean_position_baseline_mm("val")
+    return TrainResult(run_dir, best, float(score) if score is not None else None, spread, metrics)

@@ -70,6 +70,17 @@ class LandmarkDataModule(L.LightningDataModule):
     def landmark_names(self) -> list[str]:
         return list(self.manifest.landmark_names)
 
+    def landmarks(self, split: str) -> torch.Tensor:
+        """(N, L, 3) world mm landmarks of a split's cases (NaN = absent)."""
+        return torch.cat([r["landmarks_world"] for r in self.records[split]]) if self.records[split] else torch.empty(0)
+
+    def mean_position_baseline_mm(self, split: str = "val") -> float:
+        """MRE (mm) of predicting every landmark at its mean training position: the landmarks' spread."""
+        mean = torch.nanmean(self.landmarks("train"), dim=0)  # (L, 3)
+        target = self.landmarks(split)
+        errors = torch.linalg.vector_norm(target - mean, dim=-1)
+        return torch.nanmean(errors).item()
+
     def _records(self, split: str) -> list[dict]:
         return [
             {"image": str(case.image), "landmarks_world": check_case(self.manifest, case), "case_id": case.id}
