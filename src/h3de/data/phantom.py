@@ -14,19 +14,23 @@ Per case, all drawn from ``numpy.random.default_rng([seed, index])``:
 - warp: a smooth displacement ``d`` (three sinusoids, <= 4.8 mm, wavelength >= 120 mm) so that the
   tissue at grid position ``q`` is the canonical tissue at ``q + d(q)``.
 - pose: rotation (+-10 deg about each axis) and translation (+-10 mm) into world space.
-- geometry: anisotropic voxels (in-plane ``voxel_mm`` +-10 %, slices 1.5x thicker), a 230 mm field of
-  view placed at a random offset around the head, and one of eight storage orientations.
-- intensity: global scale, a smooth multiplicative bias field and Gaussian noise.
+- geometry: anisotropic voxels (in-plane ``voxel_mm`` +-10 %, slices 1.5x thicker), a 240 mm field of
+  view placed at a random offset around the head, and one of eight storage orientations (RAS, LPS,
+  axial, coronal and sagittal permutations).
+- intensity: global scale (x0.7-1.4), a smooth multiplicative bias field (0.8-1.2) and Gaussian noise
+  (sd 0.01-0.03), stored in steps of 1/1024.
 
 A voxel's intensity is rendered at its world position ``x = affine @ [i, j, k, 1]``:
 ``q = R^T (x - t)``, ``p = q + d(q)``, ``image = scale * bias(x) * tissue(p) + noise``. A canonical
 landmark ``c`` is stored at ``R q + t`` with ``q + d(q) = c``, so landmarks sit exactly on the
-rendered features.
+rendered features. Tissue is point-sampled with soft (~1 mm) edges, so at coarse spacings thin tips
+(nose, teeth) may fall between voxel centres.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -58,11 +62,20 @@ PHANTOM_MIRRORED_PAIRS = (("orbit_L", "orbit_R"), ("ear_L", "ear_R"), ("tooth_L"
 
 _GENERATOR_VERSION = 1
 _ABSENT_PROBABILITY = 0.2
-_FOV_MM = 230.0
+_FOV_MM = 240.0  # voxel centres span at least this along every axis
+_QUANTUM = 1 / 1024  # intensities are stored in these steps, like a scanner's integers (halves the files)
 _SLICE_FACTOR = 1.5
 _EDGE_MM = 0.75  # sigmoid scale of the soft tissue boundaries
+_REACH_MM = 12.0  # beyond this distance from its bounding box a layer changes nothing
 _ORIENTATIONS = ("RAS", "LPS", "LAS", "RPI", "LSA", "PSR", "ASL", "IRP")
-_AXIS_OF_LETTER = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+_AXIS_OF_LETTER = {
+    "R": (0, 1.0),
+    "L": (0, -1.0),
+    "A": (1, 1.0),
+    "P": (1, -1.0),
+    "S": (2, 1.0),
+    "I": (2, -1.0),
+}
 
 # Tissue intensities before scale, bias and noise.
 _AIR, _FAT, _CSF, _SOFT, _BRAIN, _BONE, _ENAMEL = 0.0, 0.2, 0.25, 0.45, 0.6, 1.0, 1.4
@@ -72,6 +85,10 @@ _AIR, _FAT, _CSF, _SOFT, _BRAIN, _BONE, _ENAMEL = 0.0, 0.2, 0.25, 0.45, 0.6, 1.0
 _INCISORS = ((9.0, 3.0, 11.0), (25.0, 3.0, 11.0))
 _PREMOLARS = ((60.0, 3.5, 11.0), (76.0, 3.5, 11.0))
 _CANINE_RADIUS, _CANINE_HEIGHT, _TOOTH_ROOT = 4.0, 15.0, 2.0
+_GUM_LIFT, _GUM_THICKEN = 5.0, 9.0  # soft tissue around the jaw covers the teeth
+
+_SignedDistance = Callable[[np.ndarray], np.ndarray]  # (M, 3) float32 points -> (M,) mm, negative inside
+_Cone = tuple[np.ndarray, np.ndarray, float]  # apex (3,), base centre (3,), base radius; mm
 
 
 @dataclass(frozen=True)
@@ -163,14 +180,17 @@ def generate_phantom(
     for index, split in enumerate(_assign_splits(num_cases, fractions)):
         case_id = f"case_{index:03d}"
         spec = _sample_case(seed, index, voxel_mm)
-        image_path, landmark_path = out / "images" / f"{case_id}.nii.gz", out / "landmarks" / f"{case_id}.mrk.json"
+        image_path, landmark_path = (
+            out / "images" / f"{case_id}.nii.gz",
+            out / "landmarks" / f"{case_id}.mrk.json",
+        )
         _save_image(image_path, _render_image(spec), spec.affine)
         write_landmarks(landmark_path, list(PHANTOM_LANDMARKS), _case_landmarks(spec))
         cases.append(Case(case_id, image_path, landmark_path, split))
     generator = {
-        "seed": seed,
-        "num_cases": num_cases,
-        "voxel_mm": voxel_mm,
+        "seed": int(seed),
+        "num_cases": int(num_cases),
+        "voxel_mm": float(voxel_mm),
         "split_fractions": list(fractions),
         "version": _GENERATOR_VERSION,
     }
@@ -188,22 +208,32 @@ def generate_phantom(
 
 
 def _check_arguments(seed, num_cases, voxel_mm, split_fractions) -> tuple[float, float, float]:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    """Validate ``generate_phantom``'s arguments; return the split fractions as floats."""
+    if not _is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if isinstance(num_cases, bool) or not isinstance(num_cases, int) or num_cases < 3:
+    if not _is_integer(num_cases) or num_cases < 3:
         raise ValueError(f"num_cases must be an integer >= 3 so every split gets a case, got {num_cases!r}")
-    if not isinstance(voxel_mm, (int, float)) or not math.isfinite(voxel_mm) or voxel_mm <= 0:
+    if not _is_real(voxel_mm) or voxel_mm <= 0:
         raise ValueError(f"voxel_mm must be a positive number of mm, got {voxel_mm!r}")
     fractions = tuple(split_fractions)
     if (
         len(fractions) != len(SPLITS)
-        or not all(isinstance(f, (int, float)) and math.isfinite(f) and f > 0 for f in fractions)
+        or not all(_is_real(f) and f > 0 for f in fractions)
         or abs(sum(fractions) - 1.0) > 1e-6
     ):
         raise ValueError(
-            f"split_fractions must be {len(SPLITS)} positive fractions {SPLITS} summing to 1, got {split_fractions!r}"
+            f"split_fractions must be {len(SPLITS)} positive fractions {SPLITS} summing to 1, "
+            f"got {split_fractions!r}"
         )
     return tuple(float(f) for f in fractions)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _assign_splits(num_cases: int, fractions: tuple[float, float, float]) -> list[str]:
@@ -251,38 +281,45 @@ def _sample_case(seed: int, index: int, voxel_mm: float) -> _CaseSpec:
 
 
 def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
-    def jitter(mm: float, shape=3) -> np.ndarray:
-        return rng.uniform(-mm, mm, shape)
+    """Draw the skull's size and position, then every other structure relative to the skull."""
 
-    def midline(point) -> np.ndarray:
-        return np.asarray(point, float) + np.array([0.0, *jitter(3.0, 2)])
+    def jitter(mm: float) -> float:
+        return float(rng.uniform(-mm, mm))
+
+    centre = np.array([0.0, jitter(3.0), jitter(3.0)])
+    radii = np.array([70.0, 90.0, 80.0]) * rng.uniform(0.96, 1.04, 3)
+    skin = float(rng.uniform(3.0, 5.0))
+    nose_length = float(rng.uniform(20.0, 24.0))  # the outer 10-14 mm stick out of the face
+
+    def at(x: float, y: float, z: float) -> np.ndarray:
+        return centre + np.array([x, y, z])
 
     if rng.random() < _ABSENT_PROBABILITY:
         missing = rng.integers(3)  # 0: left, 1: right, 2: both
-        canines = (missing == 1, missing == 0)
+        canines = (bool(missing == 1), bool(missing == 0))
     else:
         canines = (True, True)
     return _Anatomy(
-        skull_centre=midline((0.0, 0.0, 0.0)),
-        skull_radii=np.array([70.0, 90.0, 80.0]) * rng.uniform(0.95, 1.05, 3),
+        skull_centre=centre,
+        skull_radii=radii,
         skull_thickness=float(rng.uniform(6.0, 8.0)),
-        skin_thickness=float(rng.uniform(3.0, 5.0)),
-        ventricle_junction=midline((0.0, -5.0, 15.0)),
-        nose_apex=midline((0.0, 104.0, -12.0)),
-        nose_length=float(rng.uniform(18.0, 22.0)),
-        nose_radius=float(rng.uniform(12.0, 14.0)),
-        inion_apex=midline((0.0, -96.0, -22.0)),
+        skin_thickness=skin,
+        ventricle_junction=at(0.0, -5.0 + jitter(3.0), 15.0 + jitter(3.0)),
+        nose_apex=at(0.0, radii[1] + skin + nose_length - 10.0, -12.0 + jitter(3.0)),
+        nose_length=nose_length,
+        nose_radius=float(rng.uniform(13.0, 15.0)),
+        inion_apex=at(0.0, -radii[1] - rng.uniform(3.0, 6.0), -22.0 + jitter(3.0)),
         inion_length=float(rng.uniform(14.0, 18.0)),
         inion_radius=float(rng.uniform(12.0, 14.0)),
-        orbit_centre=np.array([30.0, 70.0, 14.0]) + jitter(3.0),
+        orbit_centre=at(30.0 + jitter(3.0), 0.78 * radii[1] + jitter(3.0), 14.0 + jitter(3.0)),
         orbit_half=np.array([12.0, 13.0, 10.0]) * rng.uniform(0.9, 1.1, 3),
-        ear_end=np.array([54.0, 0.0, -18.0]) + jitter(3.0),
-        jaw_centre=midline((0.0, 18.0, -84.0)),
+        ear_end=at(0.77 * radii[0] + jitter(3.0), jitter(3.0), -18.0 + jitter(3.0)),
+        jaw_centre=at(0.0, 18.0 + jitter(3.0), -radii[2] + jitter(3.0)),
         jaw_radius=float(40.0 * rng.uniform(0.95, 1.05)),
         jaw_tube=float(rng.uniform(6.5, 7.5)),
         jaw_tilt=math.radians(rng.uniform(9.0, 15.0)),
         canine_angle=math.radians(rng.uniform(39.0, 45.0)),
-        canines=(bool(canines[0]), bool(canines[1])),
+        canines=canines,
     )
 
 
@@ -309,28 +346,38 @@ def _rotation_matrix(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _head_bounds(anatomy: _Anatomy, warp: _Warp, rotation: np.ndarray, translation: np.ndarray, step: float = 6.0):
-    """World (RAS mm) bounding box ``(lo, hi)``, each (3,), of the posed, warped head plus a margin."""
-    axis = np.arange(-120.0, 120.0 + step / 2, step)
+def _head_bounds(
+    anatomy: _Anatomy, warp: _Warp, rotation: np.ndarray, translation: np.ndarray, step: float = 6.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """World (RAS mm) bounding box ``(lo, hi)``, each (3,), of the posed, warped head plus a margin.
+
+    The head is found on a ``step`` mm canonical grid; the margin covers the grid's gaps and soft edges.
+    """
+    axis = np.arange(-132.0, 132.0 + step / 2, step)
     grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3)
     inside = grid[_render_canonical(anatomy, grid) > 0.05]
-    world = _unwarp(warp, inside) @ rotation.T + translation
+    world = _dot(_unwarp(warp, inside), rotation.T) + translation
     margin = step * math.sqrt(3) / 2 + 3.0
     return world.min(axis=0) - margin, world.max(axis=0) + margin
 
 
-def _place_grid(rng: np.random.Generator, lo: np.ndarray, hi: np.ndarray, spacing: np.ndarray, code: str):
-    """Affine (4, 4) and shape of a ~230 mm grid in orientation ``code`` at a random offset covering [lo, hi].
+def _place_grid(
+    rng: np.random.Generator, lo: np.ndarray, hi: np.ndarray, spacing: np.ndarray, code: str
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Affine (4, 4) and shape of a grid in orientation ``code`` covering [lo, hi] at a random offset.
 
-    Voxel axis ``j`` runs along world axis ``axis_j`` with sign ``sign_j`` and spacing ``spacing[j]``.
+    Voxel axis ``j`` runs along the world axis of ``code[j]`` (sign from the letter) with spacing
+    ``spacing[j]`` mm, and its voxel centres span at least ``_FOV_MM``.
     """
-    shape = tuple(int(round(_FOV_MM / s)) for s in spacing)
-    affine = np.eye(4)
+    shape = tuple(math.ceil(_FOV_MM / s) + 1 for s in spacing)
+    affine = np.diag([0.0, 0.0, 0.0, 1.0])
     for j, letter in enumerate(code):
         axis, sign = _AXIS_OF_LETTER[letter]
         span = (shape[j] - 1) * spacing[j]
         low = rng.uniform(hi[axis] - span, lo[axis])  # world coordinate of the grid's low end
-        assert low <= lo[axis] and low + span >= hi[axis], f"the head does not fit a {_FOV_MM} mm field of view"
+        assert low <= lo[axis] and low + span >= hi[axis], (
+            f"the head does not fit a {_FOV_MM} mm field of view"
+        )
         affine[axis, j] = sign * spacing[j]
         affine[axis, 3] = low if sign > 0 else low + span
     return affine, shape
@@ -339,9 +386,17 @@ def _place_grid(rng: np.random.Generator, lo: np.ndarray, hi: np.ndarray, spacin
 # ----------------------------------------------------------------------------- warp, pose, landmarks
 
 
+def _dot(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``points @ matrix`` for (N, D) points and a (D,) or (D, M) matrix with small D, written out
+    because BLAS threads slow such thin products down many times on a busy machine."""
+    return sum(points[:, i, None] * matrix[i] for i in range(len(matrix))).reshape(
+        len(points), *matrix.shape[1:]
+    )
+
+
 def _displacement(warp: _Warp, q: np.ndarray) -> np.ndarray:
     """(N, 3) displacement d(q) in mm at (N, 3) points q."""
-    return np.sin(q @ warp.wavevectors.T + warp.phases) @ warp.amplitudes
+    return _dot(np.sin(_dot(q, warp.wavevectors.T) + warp.phases), warp.amplitudes)
 
 
 def _unwarp(warp: _Warp, c: np.ndarray, iterations: int = 30) -> np.ndarray:
@@ -356,14 +411,14 @@ def _unwarp(warp: _Warp, c: np.ndarray, iterations: int = 30) -> np.ndarray:
 
 def _world_to_canonical(spec: _CaseSpec, world: np.ndarray) -> np.ndarray:
     """Map (N, 3) world RAS mm to the canonical frame: ``q = R^T (x - t)``, ``p = q + d(q)``."""
-    q = (world - spec.translation) @ spec.rotation
+    q = _dot(world - spec.translation, spec.rotation)
     return q + _displacement(spec.warp, q)
 
 
 def _world_landmarks(spec: _CaseSpec) -> np.ndarray:
     """(L, 3) world RAS mm of every landmark, including where absent ones would be."""
     q = _unwarp(spec.warp, _canonical_landmarks(spec.anatomy))
-    return q @ spec.rotation.T + spec.translation
+    return _dot(q, spec.rotation.T) + spec.translation
 
 
 def _case_landmarks(spec: _CaseSpec) -> np.ndarray:
@@ -378,14 +433,14 @@ def _case_landmarks(spec: _CaseSpec) -> np.ndarray:
 def _canonical_landmarks(anatomy: _Anatomy) -> np.ndarray:
     """(L, 3) canonical positions (mm) in ``PHANTOM_LANDMARKS`` order, absent canines included."""
     a = anatomy
-    centre, e_x, e_v, e_w = _jaw_frame(a)
+    _, e_v, _ = _jaw_frame(a)
     orbit_corner = a.orbit_centre + a.orbit_half * np.array([1.0, -1.0, 1.0])  # lateral, posterior, superior
-    canine = _canine_cone(a)[0]
+    canine = _tooth_cones(a)[0][0]
     positions = {
         "nose_tip": a.nose_apex,
         "vertex": a.skull_centre + np.array([0.0, 0.0, a.skull_radii[2]]),
         "inion": a.inion_apex,
-        "menton": centre + a.jaw_radius * e_v - np.array([0.0, 0.0, a.jaw_tube]),
+        "menton": a.jaw_centre + a.jaw_radius * e_v - np.array([0.0, 0.0, a.jaw_tube]),
         "ventricle_junction": a.ventricle_junction,
         "orbit_L": _mirror(orbit_corner),
         "orbit_R": orbit_corner,
@@ -401,14 +456,15 @@ def _canonical_landmarks(anatomy: _Anatomy) -> np.ndarray:
 
 
 def _render_image(spec: _CaseSpec) -> np.ndarray:
-    """The case's float32 volume of ``spec.shape``: tissue at each voxel's world position, scaled,
-    biased and noisy."""
+    """The case's float32 volume of ``spec.shape``: the tissue at each voxel's world position, scaled,
+    biased, noisy and quantised."""
     index = np.indices(spec.shape).reshape(3, -1).T.astype(float)
-    world = index @ spec.affine[:3, :3].T + spec.affine[:3, 3]  # (N, 3)
+    world = _dot(index, spec.affine[:3, :3].T) + spec.affine[:3, 3]  # (N, 3)
     tissue = _render_canonical(spec.anatomy, _world_to_canonical(spec, world))
-    bias = 1.0 + spec.bias_amplitude * np.sin(world @ spec.bias_wavevector + spec.bias_phase)
+    bias = 1.0 + spec.bias_amplitude * np.sin(_dot(world, spec.bias_wavevector) + spec.bias_phase)
     noise = np.random.default_rng(spec.noise_seed).normal(0.0, spec.noise_sd, len(world))
-    return (spec.scale * bias * tissue + noise).astype(np.float32).reshape(spec.shape)
+    image = spec.scale * bias * tissue + noise
+    return (np.round(image / _QUANTUM) * _QUANTUM).astype(np.float32).reshape(spec.shape)
 
 
 def _render_canonical(anatomy: _Anatomy, points: np.ndarray) -> np.ndarray:
@@ -422,96 +478,156 @@ def _render_canonical(anatomy: _Anatomy, points: np.ndarray) -> np.ndarray:
         (N,) float32 intensity: air 0, fat 0.2, CSF 0.25, soft tissue 0.45, brain 0.6, bone 1.0,
         enamel 1.4, with soft boundaries. Symmetric under x -> -x when both canines are present.
     """
-    p = np.asarray(points, dtype=np.float32)
+    p = np.ascontiguousarray(points, dtype=np.float32)
     value = np.zeros(len(p), dtype=np.float32)
-    for signed_distance, intensity in _layers(anatomy, p):
-        mask = 0.5 - 0.5 * np.tanh(signed_distance / (2 * _EDGE_MM))
-        value += mask * (np.float32(intensity) - value)
+    for (lo, hi), signed_distance, intensity in _layers(anatomy):
+        near = np.flatnonzero(_in_box(p, lo - _REACH_MM, hi + _REACH_MM))
+        mask = 0.5 - 0.5 * np.tanh(signed_distance(p[near]) / np.float32(2 * _EDGE_MM))
+        value[near] += mask * (np.float32(intensity) - value[near])
     return value
 
 
-def _layers(a: _Anatomy, p: np.ndarray) -> Iterator[tuple[np.ndarray, float]]:
-    """Tissue layers, painted in order: (signed distance (N,) in mm, negative inside; intensity)."""
-    inner_radii = a.skull_radii - a.skull_thickness
-    yield _sd_ellipsoid(p, a.skull_centre, a.skull_radii + a.skin_thickness), _SOFT
-    nose_axis = np.array([0.0, -a.nose_length, 0.0])
-    yield _sd_cone(p, a.nose_apex, a.nose_apex + nose_axis, a.nose_radius), _SOFT
-    yield _sd_ellipsoid(p, a.skull_centre, a.skull_radii), _BONE
-    inion_axis = np.array([0.0, a.inion_length, 0.0])
-    yield _sd_cone(p, a.inion_apex, a.inion_apex + inion_axis, a.inion_radius), _BONE
-    yield _sd_ellipsoid(p, a.skull_centre, inner_radii), _BRAIN
+def _layers(a: _Anatomy) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], _SignedDistance, float]]:
+    """Tissue layers in painting order: (bounding box (lo, hi) in mm, signed distance, intensity)."""
+    centre, skin, inner = a.skull_centre, a.skull_radii + a.skin_thickness, a.skull_radii - a.skull_thickness
+    nose_base = a.nose_apex - [0.0, a.nose_length, 0.0]
+    inion_base = a.inion_apex + [0.0, a.inion_length, 0.0]
     j = a.ventricle_junction
-    along_y = _sd_cylinder(p, j - [0.0, 28.0, 0.0], j + [0.0, 22.0, 0.0], 4.5)
-    along_x = _sd_cylinder(p, j - [18.0, 0.0, 0.0], j + [18.0, 0.0, 0.0], 3.5)
-    yield np.minimum(along_y, along_x), _CSF
-    yield _bilateral(lambda x: _sd_box(x, a.orbit_centre, a.orbit_half + 3.0), p), _BONE
-    yield _bilateral(lambda x: _sd_box(x, a.orbit_centre, a.orbit_half), p), _FAT
-    yield _bilateral(lambda x: _sd_box(x, a.ear_end + [4.0, 0.0, 0.0], np.array([10.0, 8.0, 8.0])), p), _BONE
-    yield _bilateral(lambda x: _sd_cylinder(x, a.ear_end, a.ear_end + [30.0, 0.0, 0.0], 4.0), p), _AIR
-    yield _sd_jaw(a, p), _BONE
-    yield _sd_teeth(a, p), _ENAMEL
+    petrous, petrous_half = a.ear_end + [4.0, 0.0, 0.0], np.array([10.0, 8.0, 8.0])
+    canal_end = a.ear_end + [30.0, 0.0, 0.0]
+    canine, others = _tooth_cones(a)
+    tooth_points = [
+        point for apex, base, _ in (canine, *others) for point in (apex, base, _mirror(apex), _mirror(base))
+    ]
+
+    yield _bounds([centre], skin), lambda p: _sd_ellipsoid(p, centre, skin), _SOFT
+    yield (
+        _bounds([a.nose_apex, nose_base], a.nose_radius),
+        lambda p: _sd_cone(p, a.nose_apex, nose_base, a.nose_radius),
+        _SOFT,
+    )
+    yield _bounds([centre], a.skull_radii), lambda p: _sd_ellipsoid(p, centre, a.skull_radii), _BONE
+    yield (
+        _bounds([a.inion_apex, inion_base], a.inion_radius),
+        lambda p: _sd_cone(p, a.inion_apex, inion_base, a.inion_radius),
+        _BONE,
+    )
+    yield _bounds([centre], inner), lambda p: _sd_ellipsoid(p, centre, inner), _BRAIN
+    yield _bounds([j - [18.0, 28.0, 0.0], j + [18.0, 22.0, 0.0]], 4.5), lambda p: _sd_ventricles(p, j), _CSF
+    for half, intensity in ((a.orbit_half + 3.0, _BONE), (a.orbit_half, _FAT)):
+        yield (
+            _bounds([a.orbit_centre, _mirror(a.orbit_centre)], half),
+            _bilateral(lambda p, half=half: _sd_box(p, a.orbit_centre, half)),
+            intensity,
+        )
+    yield (
+        _bounds([petrous, _mirror(petrous)], petrous_half),
+        _bilateral(lambda p: _sd_box(p, petrous, petrous_half)),
+        _BONE,
+    )
+    yield (
+        _bounds([a.ear_end, canal_end, _mirror(a.ear_end), _mirror(canal_end)], 4.0),
+        _bilateral(lambda p: _sd_cylinder(p, a.ear_end, canal_end, 4.0)),
+        _AIR,
+    )
+    gums = a.jaw_centre + _GUM_LIFT * _jaw_frame(a)[2]
+    yield (
+        _bounds([gums], a.jaw_radius + a.jaw_tube + _GUM_THICKEN),
+        lambda p: _sd_jaw(a, p, _GUM_LIFT, _GUM_THICKEN),
+        _SOFT,
+    )
+    yield _bounds([a.jaw_centre], a.jaw_radius + a.jaw_tube), lambda p: _sd_jaw(a, p), _BONE
+    yield _bounds(tooth_points, _CANINE_RADIUS), lambda p: _sd_teeth(a, p), _ENAMEL
+
+
+def _bounds(points: list[np.ndarray], pad) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned box (lo, hi), each (3,) mm, around ``points`` padded by ``pad`` (scalar or (3,))."""
+    points = np.asarray(points, dtype=float)
+    return points.min(axis=0) - pad, points.max(axis=0) + pad
+
+
+def _in_box(p: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(N,) bool: which of the (N, 3) points lie inside the box [lo, hi]."""
+    x, y, z = p.T
+    return (x >= lo[0]) & (x <= hi[0]) & (y >= lo[1]) & (y <= hi[1]) & (z >= lo[2]) & (z <= hi[2])
 
 
 def _mirror(points: np.ndarray) -> np.ndarray:
     """Reflect (..., 3) points through the mid-sagittal plane (x -> -x)."""
-    return np.asarray(points) * np.array([-1.0, 1.0, 1.0], dtype=np.asarray(points).dtype)
+    points = np.asarray(points)
+    return points * np.array([-1, 1, 1], dtype=points.dtype)
 
 
-def _bilateral(signed_distance: Callable[[np.ndarray], np.ndarray], p: np.ndarray) -> np.ndarray:
-    """Union of a right-side structure and its exact mirror image on the left."""
-    return np.minimum(signed_distance(p), signed_distance(_mirror(p)))
+def _bilateral(signed_distance: _SignedDistance) -> _SignedDistance:
+    """Signed distance to the union of a right-side structure and its exact mirror image on the left."""
+    return lambda p: np.minimum(signed_distance(p), signed_distance(_mirror(p)))
 
 
-def _jaw_frame(a: _Anatomy) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Centre and orthonormal frame of the jaw arch: e_x (right), e_v (forward, tilted down), e_w (arch axis)."""
+def _sd_ventricles(p: np.ndarray, junction: np.ndarray) -> np.ndarray:
+    """Two crossing tubes: one along y (radius 4.5 mm), one along x (3.5 mm), axes meeting at ``junction``."""
+    along_y = _sd_cylinder(p, junction - [0.0, 28.0, 0.0], junction + [0.0, 22.0, 0.0], 4.5)
+    along_x = _sd_cylinder(p, junction - [18.0, 0.0, 0.0], junction + [18.0, 0.0, 0.0], 3.5)
+    return np.minimum(along_y, along_x)
+
+
+def _jaw_frame(a: _Anatomy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Orthonormal frame of the jaw arch: e_x (right), e_v (forward, tilted down), e_w (arch axis, up)."""
     c, s = math.cos(a.jaw_tilt), math.sin(a.jaw_tilt)
-    return a.jaw_centre, np.array([1.0, 0.0, 0.0]), np.array([0.0, c, -s]), np.array([0.0, s, c])
+    return np.array([1.0, 0.0, 0.0]), np.array([0.0, c, -s]), np.array([0.0, s, c])
 
 
-def _sd_jaw(a: _Anatomy, p: np.ndarray) -> np.ndarray:
-    """Front half of a torus lying in the tilted jaw plane."""
-    centre, e_x, e_v, e_w = _jaw_frame(a)
-    d = p - centre.astype(p.dtype)
-    u, v, w = d @ e_x.astype(p.dtype), d @ e_v.astype(p.dtype), d @ e_w.astype(p.dtype)
-    ring = np.sqrt((np.sqrt(u * u + v * v) - a.jaw_radius) ** 2 + w * w) - a.jaw_tube
-    return np.maximum(ring, -v)
+def _sd_jaw(a: _Anatomy, p: np.ndarray, lift: float = 0.0, thicken: float = 0.0) -> np.ndarray:
+    """Front half of a torus lying in the tilted jaw plane: the jaw bone, or with its tube centre lifted
+    along the arch axis by ``lift`` mm and its tube radius grown by ``thicken`` mm, the gums around it."""
+    e_x, e_v, e_w = _jaw_frame(a)
+    d = p - (a.jaw_centre + lift * e_w).astype(p.dtype)
+    u, v, w = (_dot(d, e.astype(p.dtype)) for e in (e_x, e_v, e_w))
+    ring = np.sqrt((np.sqrt(u * u + v * v) - np.float32(a.jaw_radius)) ** 2 + w * w)
+    return np.maximum(ring - np.float32(a.jaw_tube + thicken), -v)
 
 
-def _tooth_cone(a: _Anatomy, angle: float, radius: float, height: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """(apex, base centre, base radius) of a right-side tooth at ``angle`` (rad) from the midline."""
-    centre, e_x, e_v, e_w = _jaw_frame(a)
-    on_arch = centre + a.jaw_radius * (math.sin(angle) * e_x + math.cos(angle) * e_v)
+def _tooth_cone(a: _Anatomy, angle: float, radius: float, height: float) -> _Cone:
+    """(apex, base centre, base radius) of a right-side tooth at ``angle`` (rad) from the midline;
+    ``height`` is the apex's height above the arch's tube centre (mm)."""
+    e_x, e_v, e_w = _jaw_frame(a)
+    on_arch = a.jaw_centre + a.jaw_radius * (math.sin(angle) * e_x + math.cos(angle) * e_v)
     return on_arch + height * e_w, on_arch + _TOOTH_ROOT * e_w, radius
 
 
-def _canine_cone(a: _Anatomy) -> tuple[np.ndarray, np.ndarray, float]:
-    return _tooth_cone(a, a.canine_angle, _CANINE_RADIUS, _CANINE_HEIGHT)
+def _tooth_cones(a: _Anatomy) -> tuple[_Cone, list[_Cone]]:
+    """Right-side tooth cones (apex, base centre, base radius): the canine, then the other teeth."""
+    canine = _tooth_cone(a, a.canine_angle, _CANINE_RADIUS, _CANINE_HEIGHT)
+    return canine, [_tooth_cone(a, math.radians(angle), r, h) for angle, r, h in (*_INCISORS, *_PREMOLARS)]
 
 
 def _sd_teeth(a: _Anatomy, p: np.ndarray) -> np.ndarray:
-    """Union of the incisors, premolars and present canines on both sides."""
-    others = [_tooth_cone(a, math.radians(angle), r, h) for angle, r, h in (*_INCISORS, *_PREMOLARS)]
-    distance = _bilateral(lambda x: np.min([_sd_cone(x, *cone) for cone in others], axis=0), p)
-    left, right = a.canines
-    if right:
-        distance = np.minimum(distance, _sd_cone(p, *_canine_cone(a)))
-    if left:
-        distance = np.minimum(distance, _sd_cone(_mirror(p), *_canine_cone(a)))
-    return distance
+    """Union of the teeth on both sides; a missing canine (``a.canines``) is left out."""
+    mirrored = _mirror(p)
+    canine, others = _tooth_cones(a)
+    distances = [_sd_cone(x, *cone) for cone in others for x in (p, mirrored)]
+    distances += [
+        _sd_cone(x, *canine) for x, present in zip((mirrored, p), a.canines, strict=True) if present
+    ]
+    return np.min(distances, axis=0)
+
+
+def _norm(d: np.ndarray) -> np.ndarray:
+    """(N,) Euclidean norms of (N, 3) vectors."""
+    return np.sqrt(np.einsum("ij,ij->i", d, d))
 
 
 def _sd_ellipsoid(p: np.ndarray, centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
     """Approximate signed distance (exact on the surface) to an axis-aligned ellipsoid."""
     d = p - centre.astype(p.dtype)
-    k0 = np.linalg.norm(d / radii.astype(p.dtype), axis=1)
-    k1 = np.linalg.norm(d / (radii * radii).astype(p.dtype), axis=1)
-    return np.where(k1 > 1e-9, k0 * (k0 - 1) / np.maximum(k1, 1e-9), -radii.min())
+    k0 = _norm(d / radii.astype(p.dtype))
+    k1 = _norm(d / (radii * radii).astype(p.dtype))
+    return np.where(k1 > 1e-9, k0 * (k0 - 1) / np.maximum(k1, 1e-9), -radii.min()).astype(p.dtype)
 
 
 def _sd_box(p: np.ndarray, centre: np.ndarray, half: np.ndarray) -> np.ndarray:
     """Signed distance to an axis-aligned box."""
     q = np.abs(p - centre.astype(p.dtype)) - half.astype(p.dtype)
-    return np.linalg.norm(np.maximum(q, 0), axis=1) + np.minimum(q.max(axis=1), 0)
+    return _norm(np.maximum(q, 0)) + np.minimum(q.max(axis=1), 0)
 
 
 def _axial(p: np.ndarray, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -520,22 +636,26 @@ def _axial(p: np.ndarray, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarra
     length = float(np.linalg.norm(axis))
     axis /= length
     d = p - start.astype(p.dtype)
-    along = d @ axis
-    radial = np.linalg.norm(d - along[:, None] * axis, axis=1)
+    along = _dot(d, axis)
+    radial = _norm(d - along[:, None] * axis)
     return along, radial, length
 
 
 def _sd_cylinder(p: np.ndarray, start: np.ndarray, end: np.ndarray, radius: float) -> np.ndarray:
     """Approximate signed distance to a capped cylinder from ``start`` to ``end``."""
     along, radial, length = _axial(p, start, end)
-    return np.maximum(radial - radius, np.maximum(-along, along - length))
+    return np.maximum(radial - np.float32(radius), np.maximum(-along, along - np.float32(length)))
 
 
 def _sd_cone(p: np.ndarray, apex: np.ndarray, base: np.ndarray, radius: float) -> np.ndarray:
     """Approximate signed distance to a capped cone from ``apex`` to the base disc at ``base``."""
     along, radial, height = _axial(p, apex, base)
     slant = math.hypot(height, radius)
-    return np.maximum((radial * height - along * radius) / slant, along - height)
+    cos, sin = np.float32(height / slant), np.float32(radius / slant)  # of the half-angle
+    lateral = radial * cos - along * sin  # from the slanted surface
+    beyond_apex = along * cos + radial * sin < 0  # where the apex is the nearest surface point
+    lateral = np.where(beyond_apex, np.sqrt(along * along + radial * radial), lateral)
+    return np.maximum(lateral, along - np.float32(height))
 
 
 # ----------------------------------------------------------------------------- output
