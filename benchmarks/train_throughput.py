@@ -107,8 +107,8 @@ def main() -> None:
         "",
         "Goal: data wait < 10% of step time.",
         "",
-        f"Reproduce: `.venv/bin/python benchmarks/train_throughput.py {args.experiment} --epochs {args.epochs} "
-        f"--workers {' '.join(map(str, args.workers))}`",
+        f"Reproduce: `.venv/bin/python benchmarks/train_throughput.py {args.experiment} "
+        f"--epochs {args.epochs} --workers {' '.join(map(str, args.workers))}`",
         "",
     ]
     text = "\n".join(lines)

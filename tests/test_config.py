@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
 
 from h3de.config import config_from_dict, load_config, save_config, to_container
 from h3de.errors import ConfigError
@@ -71,7 +72,7 @@ def test_saved_config_round_trips(tmp_path):
 def test_config_is_struct():
     cfg = load_config()
     assert OmegaConf.is_struct(cfg)
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigAttributeError):
         cfg.data.not_a_key = 1
 
 

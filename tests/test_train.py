@@ -41,10 +41,20 @@ def test_train_writes_config_metrics_checkpoints_and_evaluates(blob_dataset, tmp
     with open(result.run_dir / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     keys = set(rows[0])
-    for key in ("train/loss_step", "val/mre_mm", "val/mre_sd_mm", "val/sdr_2mm", "val/sdr_2.5mm", "val/mre_mm/a_L"):
+    for key in (
+        "train/loss_step",
+        "val/mre_mm",
+        "val/mre_sd_mm",
+        "val/sdr_2mm",
+        "val/sdr_2.5mm",
+        "val/mre_mm/a_L",
+    ):
         assert key in keys
     assert sum(1 for r in rows if r["val/mre_mm"]) == 2  # one per epoch, nothing from the sanity check
-    assert result.best_checkpoint.name == "best.ckpt" and (result.run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (
+        result.best_checkpoint.name == "best.ckpt"
+        and (result.run_dir / "checkpoints" / "last.ckpt").is_file()
+    )
 
     module = load_checkpoint(result.best_checkpoint)  # weights_only load, rebuilt from the saved config
     assert module.landmark_names == ["a_L", "a_R", "top", "front"]

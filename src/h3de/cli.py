@@ -1,8 +1,8 @@
 """The ``h3de`` command: parses arguments and calls one function per stage.
 
-    h3de train [EXPERIMENT.yaml] [key=value ...]
-    h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR]
-    h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0]
+h3de train [EXPERIMENT.yaml] [key=value ...]
+h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR]
+h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0]
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train an experiment")
-    train.add_argument("args", nargs="*", metavar="ARG", help="an experiment YAML first (optional), then key=value")
+    train.add_argument(
+        "args", nargs="*", metavar="ARG", help="an experiment YAML first (optional), then key=value"
+    )
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a split (errors in world mm)")
     evaluate.add_argument("checkpoint")
@@ -53,7 +55,9 @@ def _train(args: argparse.Namespace) -> None:
         print(f"best checkpoint: {result.best_checkpoint}")
     if result.best_val_mre_mm is not None:
         print(f"best val MRE: {result.best_val_mre_mm:.2f} mm", end=" ")
-        print(f"(landmark spread: {result.val_spread_mm:.2f} mm, the MRE of predicting mean training positions)")
+        print(
+            f"(landmark spread: {result.val_spread_mm:.2f} mm, the MRE of predicting mean training positions)"
+        )
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -224,10 +224,9 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
-    from h3de.networks import available_networks  # late: networks import torch/monai
+    from h3de.networks import require_network  # late: networks import torch/monai
 
-    if cfg.model.name not in available_networks():
-        raise ConfigError(f"model.name='{cfg.model.name}' is not a registered network (known: {', '.join(available_networks())})")
+    require_network(cfg.model.name)
     for key in ("data.spacing_mm", "data.patch_size", "data.augment.rotate_deg"):
         value = OmegaConf.select(cfg, key)
         if len(value) != 3:
@@ -235,7 +234,9 @@ def validate(cfg: DictConfig) -> None:
     if any(s <= 0 for s in cfg.data.spacing_mm):
         raise ConfigError(f"data.spacing_mm must be positive, got {list(cfg.data.spacing_mm)}")
     if any(p < 8 for p in cfg.data.patch_size):
-        raise ConfigError(f"data.patch_size must be at least 8 voxels per axis, got {list(cfg.data.patch_size)}")
+        raise ConfigError(
+            f"data.patch_size must be at least 8 voxels per axis, got {list(cfg.data.patch_size)}"
+        )
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.heatmap_sigma": cfg.data.heatmap_sigma,

@@ -112,7 +112,9 @@ class LandmarkModule(L.LightningModule):
         elif cfg.name == "adam":
             optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
-            optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+            optimizer = torch.optim.SGD(
+                params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+            )
         epochs = self.cfg.trainer.max_epochs
         warmup = min(cfg.warmup_epochs, epochs - 1)
         if cfg.scheduler == "cosine":

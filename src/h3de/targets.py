@@ -61,7 +61,7 @@ def decode_heatmaps(heatmaps: torch.Tensor, log_input: bool = False) -> torch.Te
     index = flat.argmax(dim=-1)  # (B, L)
     strides = (spatial[1] * spatial[2], spatial[2], 1)
     coords = []
-    for axis, (size, stride) in enumerate(zip(spatial, strides, strict=True)):
+    for size, stride in zip(spatial, strides, strict=True):
         position = (index // stride) % size  # (B, L)
         lower = torch.where(position > 0, index - stride, index)
         upper = torch.where(position < size - 1, index + stride, index)

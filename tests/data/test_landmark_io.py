@@ -57,7 +57,11 @@ def test_written_markups_are_slicer_ras_with_missing_status(tmp_path):
     [
         ("a.mrk.json", "{not json", "not valid JSON"),
         ("a.mrk.json", '{"markups": []}', "no 'markups' list"),
-        ("a.mrk.json", '{"markups": [{"controlPoints": [{"label": "x", "position": [1, 2]}]}]}', "'x' has no valid"),
+        (
+            "a.mrk.json",
+            '{"markups": [{"controlPoints": [{"label": "x", "position": [1, 2]}]}]}',
+            "'x' has no valid",
+        ),
         ("a.mrk.json", '{"markups": [{"coordinateSystem": "XYZ", "controlPoints": []}]}', "coordinateSystem"),
         ("a.csv", "label,a,b,c\n", "header"),
         ("a.csv", "name,x,y,z\nnose,1,2\n", ":2: expected 4 columns"),

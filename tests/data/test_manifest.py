@@ -103,5 +103,5 @@ def test_batch_is_divided_over_devices(blob_dataset):
     assert dm.batch_size_per_device == 2
     dm = datamodule(blob_dataset, "data.batch_size=3")
     dm.trainer = FakeTrainer()
-    with pytest.raises(DataError, match="data.batch_size=3 is not divisible"):
+    with pytest.raises(DataError, match="data.batch_size=3 is not divisible by the device count"):
         dm.setup("validate")

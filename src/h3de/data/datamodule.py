@@ -72,7 +72,11 @@ class LandmarkDataModule(L.LightningDataModule):
 
     def landmarks(self, split: str) -> torch.Tensor:
         """(N, L, 3) world mm landmarks of a split's cases (NaN = absent)."""
-        return torch.cat([r["landmarks_world"] for r in self.records[split]]) if self.records[split] else torch.empty(0)
+        return (
+            torch.cat([r["landmarks_world"] for r in self.records[split]])
+            if self.records[split]
+            else torch.empty(0)
+        )
 
     def mean_position_baseline_mm(self, split: str = "val") -> float:
         """MRE (mm) of predicting every landmark at its mean training position: the landmarks' spread."""
@@ -91,11 +95,14 @@ class LandmarkDataModule(L.LightningDataModule):
         if self.trainer is not None:
             world = self.trainer.world_size
             if self.cfg.batch_size % world:
-                raise DataError(
-                    f"data.batch_size={self.cfg.batch_size} is not divisible by the number of devices ({world})"
-                )
+                batch = self.cfg.batch_size
+                raise DataError(f"data.batch_size={batch} is not divisible by the device count ({world})")
             self.batch_size_per_device = self.cfg.batch_size // world
-        wanted = {"fit": (("train", True), ("val", False)), "validate": (("val", False),), "test": (("test", False),)}
+        wanted = {
+            "fit": (("train", True), ("val", False)),
+            "validate": (("val", False),),
+            "test": (("test", False),),
+        }
         for split, augmented in wanted.get(stage, (("train", True), ("val", False), ("test", False))):
             self._dataset(split, augmented)
 
@@ -107,7 +114,11 @@ class LandmarkDataModule(L.LightningDataModule):
         transform = build_transforms(self.cfg, self.manifest.mirror_permutation(), train=augmented)
         try:
             dataset = CacheDataset(
-                self.records[split], transform, cache_rate=self.cfg.cache_rate, num_workers=None, progress=False
+                self.records[split],
+                transform,
+                cache_rate=self.cfg.cache_rate,
+                num_workers=None,
+                progress=False,
             )
         except Exception as e:
             cause = _root_cause(e)

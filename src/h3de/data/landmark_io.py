@@ -38,7 +38,9 @@ def _format(path: Path) -> str:
     for suffix in LANDMARK_SUFFIXES:
         if name.endswith(suffix):
             return suffix
-    raise DataError(f"{path}: unsupported landmark file type (expected one of {', '.join(LANDMARK_SUFFIXES)})")
+    raise DataError(
+        f"{path}: unsupported landmark file type (expected one of {', '.join(LANDMARK_SUFFIXES)})"
+    )
 
 
 def read_landmarks(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
@@ -158,7 +160,12 @@ def write_landmarks(path: str | os.PathLike, names: list[str], positions: np.nda
             point = {"id": str(i + 1), "label": name, "position": [0.0, 0.0, 0.0] if gone else xyz.tolist()}
             point["positionStatus"] = "missing" if gone else "defined"
             points.append(point)
-        markup = {"type": "Fiducial", "coordinateSystem": "RAS", "coordinateUnits": "mm", "controlPoints": points}
+        markup = {
+            "type": "Fiducial",
+            "coordinateSystem": "RAS",
+            "coordinateUnits": "mm",
+            "controlPoints": points,
+        }
         text = json.dumps({"@schema": _SLICER_SCHEMA, "markups": [markup]}, indent=2)
     else:
         buffer = io.StringIO()

@@ -1,8 +1,8 @@
 """Transform chains from config: deterministic preprocessing (cached), then augmentation, then targets.
 
-    load -> RAS -> resample -> normalise -> centre pad/crop     (cached by CacheDataset)
-    -> [mirror with label swap -> random affine -> intensity]   (training only)
-    -> world landmarks onto the final voxel grid -> heatmaps -> pack
+load -> RAS -> resample -> normalise -> centre pad/crop     (cached by CacheDataset)
+-> [mirror with label swap -> random affine -> intensity]   (training only)
+-> world landmarks onto the final voxel grid -> heatmaps -> pack
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ class LoadVolumed(LoadImaged):
             raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
         image = out[self.key]
         if image.ndim != 4 or image.shape[0] != 1:
-            raise DataError(f"{path}: expected a single-channel 3D volume, got array shape {tuple(image.shape)[1:]}")
+            raise DataError(
+                f"{path}: expected a single-channel 3D volume, got array shape {tuple(image.shape)[1:]}"
+            )
         return out
 
 
@@ -78,7 +80,11 @@ def build_transforms(cfg: DataConfig, mirror_permutation: Sequence[int], train: 
     steps += [
         CopyItemsd("landmarks_world", names="landmarks_voxel"),
         ApplyTransformToPointsd(
-            "landmarks_voxel", refer_keys="image", dtype=torch.float64, invert_affine=True, affine_lps_to_ras=False
+            "landmarks_voxel",
+            refer_keys="image",
+            dtype=torch.float64,
+            invert_affine=True,
+            affine_lps_to_ras=False,
         ),
         LandmarkHeatmapd("landmarks_voxel", "image", sigma=cfg.heatmap_sigma),
         PackLandmarkSampled("image", "landmarks_voxel"),
@@ -90,7 +96,9 @@ def _normalizer(name: str):
     if name == "zscore":
         return NormalizeIntensityd("image")
     if name == "percentile":
-        return ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
+        return ScaleIntensityRangePercentilesd(
+            "image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True
+        )
     raise ValueError(f"unknown normalisation '{name}'")
 
 

@@ -47,7 +47,9 @@ class RandMirrord(RandomizableTransform, MapTransform):
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         if sorted(permutation) != list(range(len(permutation))):
-            raise ValueError(f"permutation {list(permutation)} is not a permutation of 0..{len(permutation) - 1}")
+            raise ValueError(
+                f"permutation {list(permutation)} is not a permutation of 0..{len(permutation) - 1}"
+            )
         self.landmark_keys = tuple(landmark_keys)
         self.permutation = torch.as_tensor(list(permutation), dtype=torch.long)
         self.flipper = Flip(spatial_axis=spatial_axis)
@@ -101,7 +103,9 @@ class LandmarkHeatmapd(MapTransform):
         points = _plain(d[self.points_key]).reshape(-1, 3)
         spatial_size = tuple(d[self.image_key].shape[1:])
         inside = points_in_volume(points, spatial_size)
-        d[self.heatmap_key] = gaussian_heatmaps(torch.where(inside[:, None], points, torch.nan), spatial_size, self.sigma)
+        d[self.heatmap_key] = gaussian_heatmaps(
+            torch.where(inside[:, None], points, torch.nan), spatial_size, self.sigma
+        )
         d[self.mask_key] = inside
         return d
 

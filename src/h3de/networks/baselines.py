@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from monai.networks.nets import UNet
 from torch import nn
 
 from h3de.networks.registry import register_network
 
-__all__ = ["unet"]
+__all__ = ["PadToMultiple", "unet"]
+
+
+class PadToMultiple(nn.Module):
+    """Runs ``network`` on the input padded (edge-replicated) to a multiple of ``multiple`` per axis,
+    then crops the output back, so any (B, C, D, H, W) size works.
+
+    Args:
+        network: a fully convolutional network whose input sides must be multiples of ``multiple``.
+        multiple: the network's total downsampling factor.
+    """
+
+    def __init__(self, network: nn.Module, multiple: int) -> None:
+        super().__init__()
+        self.network, self.multiple = network, multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[2:]
+        extra = [(-s) % self.multiple for s in size]
+        if not any(extra):
+            return self.network(x)
+        pad = [p for e in reversed(extra) for p in (e // 2, e - e // 2)]  # F.pad order: last axis first
+        out = self.network(F.pad(x, pad, mode="replicate"))
+        d0, h0, w0 = (e // 2 for e in extra)
+        return out[..., d0 : d0 + size[0], h0 : h0 + size[1], w0 : w0 + size[2]]
 
 
 @register_network("unet")
@@ -22,7 +49,8 @@ def unet(
     norm: str = "instance",
     dropout: float = 0.0,
 ) -> nn.Module:
-    """MONAI's residual 3D U-Net as a heatmap regressor (one output channel per landmark).
+    """MONAI's residual 3D U-Net as a heatmap regressor (one output channel per landmark); any input
+    size works (padded to a multiple of the total stride, output cropped back).
 
     Args:
         in_channels: image channels.
@@ -35,7 +63,7 @@ def unet(
     """
     if len(strides) != len(channels) - 1:
         raise ValueError(f"strides {list(strides)} must have len(channels) - 1 = {len(channels) - 1} entries")
-    return UNet(
+    network = UNet(
         spatial_dims=3,
         in_channels=in_channels,
         out_channels=out_channels,
@@ -45,3 +73,4 @@ def unet(
         norm=norm,
         dropout=dropout,
     )
+    return PadToMultiple(network, math.prod(strides))

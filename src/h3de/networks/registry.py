@@ -14,7 +14,7 @@ from torch import nn
 
 from h3de.errors import ConfigError
 
-__all__ = ["register_network", "build_network", "available_networks"]
+__all__ = ["register_network", "build_network", "available_networks", "require_network"]
 
 _NETWORKS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -35,14 +35,20 @@ def available_networks() -> list[str]:
     return sorted(_NETWORKS)
 
 
+def require_network(name: str) -> None:
+    """Raise ConfigError naming ``name`` and the known networks unless ``name`` is registered."""
+    if name not in _NETWORKS:
+        known = ", ".join(available_networks())
+        raise ConfigError(f"model.name='{name}' is not a registered network (known: {known})")
+
+
 def build_network(name: str, in_channels: int, out_channels: int, params: Mapping[str, Any]) -> nn.Module:
     """Build the network registered as ``name`` with its sub-config ``params``.
 
     Raises:
         ConfigError: unknown name, or parameters the constructor refuses.
     """
-    if name not in _NETWORKS:
-        raise ConfigError(f"model.name='{name}' is not a registered network (known: {', '.join(available_networks())})")
+    require_network(name)
     try:
         return _NETWORKS[name](in_channels=in_channels, out_channels=out_channels, **dict(params))
     except (ValueError, TypeError, AssertionError) as e:
