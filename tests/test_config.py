@@ -44,6 +44,13 @@ def test_bad_overrides_name_the_key(override, fragment):
         load_config(None, [override])
 
 
+def test_section_shorthand_sets_its_name():
+    cfg = load_config(None, ["logger=csv", "loss=spatial_ce", "model=unet"])
+    assert (cfg.logger.name, cfg.loss.name, cfg.model.name) == ("csv", "spatial_ce", "unet")
+    with pytest.raises(ConfigError, match="logger.name='tensorboard'"):
+        load_config(None, ["logger=tensorboard"])
+
+
 def test_unknown_key_in_file_names_file_and_key(tmp_path):
     path = write(tmp_path, "trainer:\n  max_epoch: 3\n")
     with pytest.raises(ConfigError) as info:

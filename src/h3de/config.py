@@ -154,6 +154,8 @@ class ExperimentConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+_NAMED_SECTIONS = ("model", "loss", "optim", "logger")  # sections chosen by their `name` field
+
 _CHOICES = {
     "data.normalize": ("zscore", "percentile"),
     "loss.name": ("weighted_mse", "spatial_ce"),
@@ -180,6 +182,8 @@ def _first_line(e: Exception) -> str:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Return the resolved, validated config: defaults <- YAML file <- ``key=value`` overrides.
 
+    ``model=X``, ``loss=X``, ``optim=X`` and ``logger=X`` are shorthand for ``<section>.name=X``.
+
     Raises:
         ConfigError: on a missing/unparsable file, an unknown key, a wrong type or a bad value.
     """
@@ -200,6 +204,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key in _NAMED_SECTIONS:
+            item = f"{key}.name={value}"  # shorthand: logger=csv means logger.name=csv
         try:
             dot = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as e:
