@@ -115,6 +115,9 @@ class _Anatomy:
     jaw_tilt: float  # rad, the front of the arch tilts down
     canine_angle: float  # rad from the midline
     canines: tuple[bool, bool]  # (left, right) present
+    vertex_apex: np.ndarray  # (3,), x = 0: tip of the bony crest on top of the skull
+    vertex_length: float
+    vertex_radius: float
 
 
 @dataclass(frozen=True)
@@ -320,6 +323,9 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
         jaw_tilt=math.radians(rng.uniform(9.0, 15.0)),
         canine_angle=math.radians(rng.uniform(39.0, 45.0)),
         canines=canines,
+        vertex_apex=at(0.0, -8.0 + jitter(3.0), radii[2] + rng.uniform(3.0, 6.0)),
+        vertex_length=float(rng.uniform(12.0, 16.0)),
+        vertex_radius=float(rng.uniform(10.0, 12.0)),
     )
 
 
@@ -438,7 +444,7 @@ def _canonical_landmarks(anatomy: _Anatomy) -> np.ndarray:
     canine = _tooth_cones(a)[0][0]
     positions = {
         "nose_tip": a.nose_apex,
-        "vertex": a.skull_centre + np.array([0.0, 0.0, a.skull_radii[2]]),
+        "vertex": a.vertex_apex,
         "inion": a.inion_apex,
         "menton": a.jaw_centre + a.jaw_radius * e_v - np.array([0.0, 0.0, a.jaw_tube]),
         "ventricle_junction": a.ventricle_junction,
@@ -492,6 +498,7 @@ def _layers(a: _Anatomy) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], _Signe
     centre, skin, inner = a.skull_centre, a.skull_radii + a.skin_thickness, a.skull_radii - a.skull_thickness
     nose_base = a.nose_apex - [0.0, a.nose_length, 0.0]
     inion_base = a.inion_apex + [0.0, a.inion_length, 0.0]
+    vertex_base = a.vertex_apex - [0.0, 0.0, a.vertex_length]
     j = a.ventricle_junction
     petrous, petrous_half = a.ear_end + [4.0, 0.0, 0.0], np.array([10.0, 8.0, 8.0])
     canal_end = a.ear_end + [30.0, 0.0, 0.0]
@@ -510,6 +517,11 @@ def _layers(a: _Anatomy) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], _Signe
     yield (
         _bounds([a.inion_apex, inion_base], a.inion_radius),
         lambda p: _sd_cone(p, a.inion_apex, inion_base, a.inion_radius),
+        _BONE,
+    )
+    yield (
+        _bounds([a.vertex_apex, vertex_base], a.vertex_radius),
+        lambda p: _sd_cone(p, a.vertex_apex, vertex_base, a.vertex_radius),
         _BONE,
     )
     yield _bounds([centre], inner), lambda p: _sd_ellipsoid(p, centre, inner), _BRAIN
