@@ -106,6 +106,15 @@ def test_cli_bad_input_fails_cleanly_without_output(blob_dataset, tmp_path, caps
     assert not runs.exists()
 
 
+def test_cli_print_config_shows_the_merged_config(tmp_path, capsys):
+    path = tmp_path / "exp.yaml"
+    path.write_text("data:\n  batch_size: 6\n")
+    assert main(["train", str(path), "optim.lr=0.25", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "batch_size: 6" in out and "lr: 0.25" in out and "name: exp" in out
+    assert not (tmp_path / "runs").exists()
+
+
 def test_cli_train_runs_experiment_file(blob_dataset, tmp_path, capsys):
     path = tmp_path / "exp.yaml"
     path.write_text("trainer:\n  max_epochs: 1\nlogger:\n  name: none\n")

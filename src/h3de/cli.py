@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "args", nargs="*", metavar="ARG", help="an experiment YAML first (optional), then key=value"
     )
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a split (errors in world mm)")
     evaluate.add_argument("checkpoint")
@@ -43,12 +44,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from omegaconf import OmegaConf
+
     from h3de.config import load_config
     from h3de.train import train
 
     items = list(args.args)
     path = items.pop(0) if items and "=" not in items[0] else None
     cfg = load_config(path, items)
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg), end="")
+        return
     result = train(cfg)
     print(f"run directory: {result.run_dir}")
     if result.best_checkpoint is not None:

@@ -60,7 +60,7 @@ class DataConfig:
     spacing_mm: list[float] = field(default_factory=lambda: [4.0, 4.0, 4.0])  # resampling target
     patch_size: list[int] = field(default_factory=lambda: [48, 48, 48])  # voxels, centre pad/crop
     normalize: str = "zscore"  # zscore | percentile
-    heatmap_sigma: float = 1.5  # Gaussian target sigma in voxels of the resampled grid
+    heatmap_sigma: float = 2.0  # Gaussian target sigma in voxels of the resampled grid
     batch_size: int = 4  # global batch, divided over devices
     num_workers: int = 0
     cache_rate: float = 1.0  # share of cases whose deterministic preprocessing is cached in memory
@@ -90,7 +90,7 @@ class ModelConfig:
 class LossConfig:
     """Heatmap loss, masked by landmark visibility."""
 
-    name: str = "weighted_mse"  # weighted_mse | spatial_ce
+    name: str = "spatial_ce"  # spatial_ce | weighted_mse
     foreground_weight: float = 20.0  # weighted_mse: extra weight where the target exceeds 0.1
     target_scale: float = 1.0  # weighted_mse: peak value of the Gaussian target
 

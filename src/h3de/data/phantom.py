@@ -311,8 +311,8 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
         nose_apex=at(0.0, radii[1] + skin + nose_length - 10.0, -12.0 + jitter(3.0)),
         nose_length=nose_length,
         nose_radius=float(rng.uniform(13.0, 15.0)),
-        inion_apex=at(0.0, -radii[1] - rng.uniform(3.0, 6.0), -22.0 + jitter(3.0)),
-        inion_length=float(rng.uniform(14.0, 18.0)),
+        inion_apex=at(0.0, -radii[1] - rng.uniform(8.0, 11.0), -22.0 + jitter(3.0)),
+        inion_length=float(rng.uniform(18.0, 22.0)),
         inion_radius=float(rng.uniform(12.0, 14.0)),
         orbit_centre=at(30.0 + jitter(3.0), 0.78 * radii[1] + jitter(3.0), 14.0 + jitter(3.0)),
         orbit_half=np.array([12.0, 13.0, 10.0]) * rng.uniform(0.9, 1.1, 3),
@@ -323,8 +323,8 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
         jaw_tilt=math.radians(rng.uniform(9.0, 15.0)),
         canine_angle=math.radians(rng.uniform(39.0, 45.0)),
         canines=canines,
-        vertex_apex=at(0.0, -8.0 + jitter(3.0), radii[2] + rng.uniform(3.0, 6.0)),
-        vertex_length=float(rng.uniform(12.0, 16.0)),
+        vertex_apex=at(0.0, -8.0 + jitter(3.0), radii[2] + rng.uniform(9.0, 12.0)),
+        vertex_length=float(rng.uniform(18.0, 22.0)),
         vertex_radius=float(rng.uniform(10.0, 12.0)),
     )
 
