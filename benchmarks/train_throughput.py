@@ -1,12 +1,12 @@
 """Training throughput of an experiment and the share of step time spent waiting on data.
 
 Runs the experiment's real Trainer, DataModule and LandmarkModule (no logger, no validation, no
-checkpoints) and times, per training batch, the wait for the batch (from the end of the previous
-step to the start of this one: loader, collation, transfer) and the step itself (forward, loss,
-backward, optimiser). The first epoch is a warm-up and is not counted. Rewrites
-benchmarks/train_throughput.md.
+checkpoints) under Lightning's SimpleProfiler: data wait is the time in the training loop's
+``train_dataloader_next`` (loading, augmentation, targets, collation), the step is
+``run_training_batch`` (forward, loss, backward, optimiser). Volumes/s is over the wall-clock time of
+the epochs. The first epoch is a warm-up and is not counted. Rewrites benchmarks/train_throughput.md.
 
-    .venv/bin/python benchmarks/train_throughput.py [EXPERIMENT.yaml] [--epochs 3] [--workers 0 1]
+    .venv/bin/python benchmarks/train_throughput.py [EXPERIMENT.yaml] [--epochs 6] [--workers 0 1]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.profilers import SimpleProfiler
 
 from h3de.config import load_config, to_container
 from h3de.data.datamodule import LandmarkDataModule
@@ -25,27 +26,22 @@ from h3de.data.phantom import generate_phantom
 from h3de.module import LandmarkModule
 
 
-class StepTimer(L.Callback):
-    """Accumulates data-wait and step seconds over the training batches after the first epoch."""
+class EpochClock(L.Callback):
+    """Wall-clock seconds and samples of every training epoch after the first."""
 
     def __init__(self) -> None:
-        self.wait = self.step = 0.0
-        self.samples = 0
-        self._last_end = self._start = 0.0
+        self.seconds, self.samples, self._start = 0.0, 0, 0.0
 
     def on_train_epoch_start(self, trainer, module) -> None:
-        self._last_end = time.perf_counter()
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
-        if trainer.current_epoch > 0:
-            self.wait += self._start - self._last_end
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self._last_end = time.perf_counter()
         if trainer.current_epoch > 0:
-            self.step += self._last_end - self._start
             self.samples += len(batch["image"])
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if trainer.current_epoch > 0:
+            self.seconds += time.perf_counter() - self._start
 
 
 def measure(experiment: Path, epochs: int, workers: int) -> dict:
@@ -55,14 +51,15 @@ def measure(experiment: Path, epochs: int, workers: int) -> dict:
     L.seed_everything(0, verbose=False)
     datamodule = LandmarkDataModule(cfg.data)
     module = LandmarkModule(to_container(cfg), datamodule.landmark_names)
-    timer = StepTimer()
+    clock, profiler = EpochClock(), SimpleProfiler()
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         precision=cfg.trainer.precision,
         logger=False,
-        callbacks=[timer],
+        callbacks=[clock],
+        profiler=profiler,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -70,22 +67,26 @@ def measure(experiment: Path, epochs: int, workers: int) -> dict:
         num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=datamodule)
-    total = timer.wait + timer.step
+    warmup = trainer.num_training_batches  # the first epoch's batches are not counted
+    durations = profiler.recorded_durations
+    wait = sum(durations["[_TrainingEpochLoop].train_dataloader_next"][warmup:])
+    step = sum(durations["run_training_batch"][warmup:])
+    steps = len(durations["run_training_batch"][warmup:])
     return {
         "workers": workers,
         "batch": cfg.data.batch_size,
         "patch": "x".join(str(p) for p in cfg.data.patch_size),
-        "samples": timer.samples,
-        "volumes_per_s": timer.samples / total,
-        "step_ms": 1000 * timer.step / (timer.samples / cfg.data.batch_size),
-        "wait_share": 100 * timer.wait / total,
+        "volumes_per_s": clock.samples / clock.seconds,
+        "step_ms": 1000 * step / steps,
+        "wait_ms": 1000 * wait / steps,
+        "wait_share": 100 * wait / (wait + step),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", nargs="?", default="experiments/phantom_unet.yaml")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
     rows = [measure(Path(args.experiment), args.epochs, w) for w in args.workers]
@@ -94,14 +95,14 @@ def main() -> None:
         "",
         f"Experiment `{args.experiment}`, {args.epochs - 1} timed epochs after one warm-up epoch, "
         f"{torch.get_num_threads()} torch threads, {platform.machine()} CPU, torch {torch.__version__}. "
-        "Data wait = time from the end of one training step to the start of the next (loader, collation, "
-        "transfer); step = forward + loss + backward + optimiser.",
+        "Data wait = time the training loop waits for the next batch (Lightning SimpleProfiler "
+        "`train_dataloader_next`); step = forward + loss + backward + optimiser (`run_training_batch`).",
         "",
-        "| data.num_workers | batch | patch | volumes/s | step (ms) | data wait (% of step time) |",
-        "|---:|---:|---|---:|---:|---:|",
+        "| num_workers | batch | patch | volumes/s | step (ms) | data wait (ms) | data wait (% of step) |",
+        "|---:|---:|---|---:|---:|---:|---:|",
         *[
             f"| {r['workers']} | {r['batch']} | {r['patch']} | {r['volumes_per_s']:.2f} | {r['step_ms']:.0f} "
-            f"| {r['wait_share']:.1f} |"
+            f"| {r['wait_ms']:.1f} | {r['wait_share']:.1f} |"
             for r in rows
         ],
         "",

@@ -59,6 +59,8 @@ def _train(args: argparse.Namespace) -> None:
     print(f"run directory: {result.run_dir}")
     if result.best_checkpoint is not None:
         print(f"best checkpoint: {result.best_checkpoint}")
+    for offline_run in sorted((result.run_dir / "wandb").glob("offline-run-*")):
+        print(f"W&B run saved offline; upload it with: wandb sync {offline_run}")
     if result.best_val_mre_mm is not None:
         print(f"best val MRE: {result.best_val_mre_mm:.2f} mm", end=" ")
         print(
