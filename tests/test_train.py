@@ -1,5 +1,8 @@
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -122,3 +125,22 @@ def test_cli_train_runs_experiment_file(blob_dataset, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "best val MRE:" in out and (tmp_path / "runs" / "exp").is_dir()
+
+
+def test_two_process_ddp_with_bf16_mixed_precision(blob_dataset, tmp_path):
+    """The multi-GPU path on CPU: 2 processes (gloo), global batch split, one run directory, bf16."""
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "h3de.cli", "train", f"data.root={blob_dataset.parent}", f"output_dir={runs}"]
+    command += [*SMALL, "data.batch_size=4", "trainer.max_epochs=1", "logger=csv", "name=ddp"]
+    command += ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+    command += ["trainer.precision=bf16-mixed"]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "H3DE_RUN_DIR")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in done.stderr
+    assert done.stdout.count("best val MRE") == 1  # only rank 0 reports
+    run_dirs = list((runs / "ddp").iterdir())
+    assert len(run_dirs) == 1 and (run_dirs[0] / "checkpoints" / "best.ckpt").is_file()
+    with open(run_dirs[0] / "logs" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["train/loss_step"]]
+    assert len(rows) == 1  # 4 training cases / (2 per device x 2 devices) = 1 step

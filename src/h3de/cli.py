@@ -56,6 +56,8 @@ def _train(args: argparse.Namespace) -> None:
         print(OmegaConf.to_yaml(cfg), end="")
         return
     result = train(cfg)
+    if not result.is_global_zero:
+        return
     print(f"run directory: {result.run_dir}")
     if result.best_checkpoint is not None:
         print(f"best checkpoint: {result.best_checkpoint}")

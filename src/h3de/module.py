@@ -67,7 +67,8 @@ class LandmarkModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, world = self.model_step(batch)
         self.train_errors.update(world, batch["landmarks_world"], batch["present"])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(world))
+        batch_size = len(world)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch_size)
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -82,7 +83,7 @@ class LandmarkModule(L.LightningModule):
         mre = self._log_errors("val", self.val_errors, per_landmark=True)
         if torch.isfinite(mre):
             self.val_mre_best(mre)
-            self.log("val/mre_mm_best", self.val_mre_best.compute(), prog_bar=True)
+            self.log("val/mre_mm_best", self.val_mre_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, world = self.model_step(batch)
@@ -97,11 +98,12 @@ class LandmarkModule(L.LightningModule):
         metric.reset()
         per = values.pop("per_landmark")
         values.pop("count")
+        # values come from states already gathered over all processes: identical on every rank
         for key, value in values.items():
-            self.log(f"{stage}/{key}", value.float(), prog_bar=key == "mre_mm")
+            self.log(f"{stage}/{key}", value.float(), prog_bar=key == "mre_mm", sync_dist=True)
         if per_landmark:
             for name, value in zip(self.landmark_names, per, strict=True):
-                self.log(f"{stage}/mre_mm/{name}", value.float())
+                self.log(f"{stage}/mre_mm/{name}", value.float(), sync_dist=True)
         return values["mre_mm"]
 
     def configure_optimizers(self) -> dict[str, Any]:

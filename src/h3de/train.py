@@ -27,6 +27,7 @@ class TrainResult:
     best_checkpoint: Path | None
     best_val_mre_mm: float | None
     val_spread_mm: float  # MRE of predicting each landmark at its mean training position
+    is_global_zero: bool  # False in the other processes of a multi-process run
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -55,7 +56,8 @@ def train(cfg: DictConfig) -> TrainResult:
     module = LandmarkModule(to_container(cfg), datamodule.landmark_names)
 
     run_dir = make_run_dir(cfg)
-    save_config(cfg, run_dir / "config.yaml")
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        save_config(cfg, run_dir / "config.yaml")
     loggers = build_loggers(cfg.logger, run_dir, run_name=f"{cfg.name}-{run_dir.name}")
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -94,4 +96,5 @@ def train(cfg: DictConfig) -> TrainResult:
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     score = checkpoint.best_model_score
     spread = datamodule.mean_position_baseline_mm("val")
-    return TrainResult(run_dir, best, float(score) if score is not None else None, spread, metrics)
+    score = float(score) if score is not None else None
+    return TrainResult(run_dir, best, score, spread, trainer.is_global_zero, metrics)
