@@ -130,7 +130,8 @@ def test_cli_train_runs_experiment_file(blob_dataset, tmp_path, capsys):
 def test_two_process_ddp_with_bf16_mixed_precision(blob_dataset, tmp_path):
     """The multi-GPU path on CPU: 2 processes (gloo), global batch split, one run directory, bf16."""
     runs = tmp_path / "runs"
-    command = [sys.executable, "-m", "h3de.cli", "train", f"data.root={blob_dataset.parent}", f"output_dir={runs}"]
+    data = f"data.root={blob_dataset.parent}"
+    command = [sys.executable, "-m", "h3de.cli", "train", data, f"output_dir={runs}"]
     command += [*SMALL, "data.batch_size=4", "trainer.max_epochs=1", "logger=csv", "name=ddp"]
     command += ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
     command += ["trainer.precision=bf16-mixed"]
