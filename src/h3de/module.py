@@ -67,9 +67,8 @@ class LandmarkModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, world = self.model_step(batch)
         self.train_errors.update(world, batch["landmarks_world"], batch["present"])
-        self.log(
-            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(world)
-        )
+        n = len(world)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
         return loss
 
     def on_train_epoch_end(self) -> None:
