@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from h3de.config import load_config, to_container
+from h3de.geometry import voxel_to_world
+from h3de.module import LandmarkModule
+from h3de.targets import gaussian_heatmaps
+
+NAMES = ["a", "b", "c"]
+TINY = ["model.unet.channels=[4,8]", "model.unet.strides=[2]", "trainer.max_epochs=10"]
+
+
+def module(*overrides):
+    return LandmarkModule(to_container(load_config(None, [*TINY, *overrides])), NAMES)
+
+
+def learning_rates(overrides, epochs=10):
+    m = module(*overrides)
+    setup = m.configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return optimizer, rates
+
+
+@pytest.mark.parametrize(
+    "name, cls", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)]
+)
+def test_optimiser_from_config(name, cls):
+    optimizer, rates = learning_rates(
+        [f"optim={name}", "optim.lr=0.01", "optim.weight_decay=0.001"], epochs=1
+    )
+    assert isinstance(optimizer, cls)
+    assert rates[0] == 0.01 and optimizer.param_groups[0]["weight_decay"] == 0.001
+
+
+def test_schedules_from_config():
+    _, cosine = learning_rates(["optim.scheduler=cosine", "optim.lr=1.0"])
+    assert (
+        cosine[0] == pytest.approx(1.0) and cosine[5] == pytest.approx(0.5) and cosine == sorted(cosine)[::-1]
+    )
+    _, exponential = learning_rates(["optim.scheduler=exponential", "optim.lr=1.0", "optim.gamma=0.5"])
+    assert exponential[:3] == pytest.approx([1.0, 0.5, 0.25])
+    _, constant = learning_rates(["optim.scheduler=constant", "optim.lr=0.3"])
+    assert constant == pytest.approx([0.3] * 10)
+    _, warm = learning_rates(["optim.scheduler=constant", "optim.lr=1.0", "optim.warmup_epochs=2"])
+    assert warm[0] == pytest.approx(0.1) and warm[2:] == pytest.approx([1.0] * 8)
+
+
+@pytest.mark.parametrize("loss", ["spatial_ce", "weighted_mse"])
+def test_decode_maps_the_output_peak_to_world_mm(loss):
+    m = module(f"loss={loss}")
+    voxels = torch.tensor([[[3.3, 4.6, 5.1], [8.0, 2.2, 6.7], [5.5, 5.5, 5.5]]])
+    heat = gaussian_heatmaps(voxels, (12, 12, 12), 1.5)
+    output = heat.clamp_min(1e-20).log() if m.loss.log_domain else heat
+    affine = torch.tensor(
+        [[0.0, 0.0, -2.0, 30.0], [1.5, 0.0, 0.0, -7.0], [0.0, 3.0, 0.0, 4.0], [0, 0, 0, 1.0]]
+    )
+    decoded_voxels, world = m.decode(output, affine[None].double())
+    assert torch.allclose(decoded_voxels, voxels, atol=1e-3)
+    assert world.dtype == torch.float64
+    assert torch.allclose(world, voxel_to_world(voxels.double(), affine.double()), atol=1e-2)
+
+
+def test_checkpoint_hyperparameters_rebuild_the_same_network():
+    m = module("model.unet.channels=[4,8]")
+    twin = LandmarkModule(m.hparams["config"], m.hparams["landmark_names"])
+    twin.load_state_dict(m.state_dict())
+    x = torch.randn(1, 1, 8, 8, 8)
+    assert torch.equal(m.eval()(x), twin.eval()(x))
