@@ -145,3 +145,12 @@ def test_two_process_ddp_with_bf16_mixed_precision(blob_dataset, tmp_path):
     with open(run_dirs[0] / "logs" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["train/loss_step"]]
     assert len(rows) == 1  # 4 training cases / (2 per device x 2 devices) = 1 step
+
+
+def test_cli_phantom_writes_a_dataset_and_refuses_bad_sizes(tmp_path, capsys):
+    assert main(["data", "phantom", "--out", str(tmp_path / "ph"), "--cases", "3", "--voxel-mm", "8"]) == 0
+    assert "wrote 3 cases" in capsys.readouterr().out
+    assert (tmp_path / "ph" / "dataset.json").is_file()
+    assert main(["data", "phantom", "--out", str(tmp_path / "bad"), "--cases", "2"]) == 2
+    assert "num_cases" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "dataset.json").exists()
