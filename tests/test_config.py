@@ -84,5 +84,8 @@ def test_config_is_struct():
 
 
 def test_every_experiment_file_loads():
-    for path in sorted(Path(__file__).parents[1].joinpath("experiments").glob("*.yaml")):
-        load_config(path)
+    paths = sorted(Path(__file__).parents[1].joinpath("experiments").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.name == path.stem  # each experiment names its runs after its file

@@ -156,7 +156,7 @@ def generate_phantom(
 ) -> Manifest:
     """Generate the phantom dataset and its manifest.
 
-    Writes ``images/case_XXX.nii.gz`` (float32), ``landmarks/case_XXX.mrk.json`` (RAS world mm,
+    Writes ``images/case_<index>.nii.gz`` (float32), ``landmarks/case_<index>.mrk.json`` (RAS world mm,
     absent landmarks "missing") and, last, ``dataset.json``; an existing ``dataset.json`` is removed
     first, so one exists only when every case is written. Case ``i`` depends only on ``(seed, i)``
     and ``voxel_mm``.
