@@ -51,6 +51,20 @@ def test_section_shorthand_sets_its_name():
         load_config(None, ["logger=tensorboard"])
 
 
+def test_base_files_layer_under_the_experiment(tmp_path):
+    (tmp_path / "parent.yaml").write_text("name: parent\ndata:\n  batch_size: 8\n  num_workers: 3\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\ndata:\n  batch_size: 2\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.data.batch_size, cfg.data.num_workers, cfg.name) == (2, 3, "parent")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml.*base of"):
+        load_config(tmp_path / "orphan.yaml")
+
+
 def test_unknown_key_in_file_names_file_and_key(tmp_path):
     path = write(tmp_path, "trainer:\n  max_epoch: 3\n")
     with pytest.raises(ConfigError) as info:

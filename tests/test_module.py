@@ -55,11 +55,12 @@ def test_decode_maps_the_output_peak_to_world_mm(loss):
     m = module(f"loss={loss}")
     voxels = torch.tensor([[[3.3, 4.6, 5.1], [8.0, 2.2, 6.7], [5.5, 5.5, 5.5]]])
     heat = gaussian_heatmaps(voxels, (12, 12, 12), 1.5)
-    output = heat.clamp_min(1e-20).log() if m.loss.log_domain else heat
+    output = heat.clamp_min(1e-20).log() if m.readout.criterion.log_domain else heat
     affine = torch.tensor(
         [[0.0, 0.0, -2.0, 30.0], [1.5, 0.0, 0.0, -7.0], [0.0, 3.0, 0.0, 4.0], [0, 0, 0, 1.0]]
     )
-    decoded_voxels, world = m.decode(output, affine[None].double())
+    decoded_voxels, world, presence = m.decode(output, affine[None].double())
+    assert presence.shape == (1, 3) and (presence > 0).all()
     assert torch.allclose(decoded_voxels, voxels, atol=1e-3)
     assert world.dtype == torch.float64
     assert torch.allclose(world, voxel_to_world(voxels.double(), affine.double()), atol=1e-2)

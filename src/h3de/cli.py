@@ -2,6 +2,7 @@
 
 h3de train [EXPERIMENT.yaml] [key=value ...]
 h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR]
+h3de profile MODEL [MODEL ...] [--input D,H,W] [key=value ...]
 h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0]
 """
 
@@ -32,6 +33,19 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="output folder (default: <run>/eval_<split>)")
     evaluate.add_argument("--data-root", default=None, help="dataset folder overriding the checkpoint's")
     evaluate.add_argument("--batch-size", type=int, default=None)
+
+    profile = commands.add_parser("profile", help="parameters, FLOPs, time and peak memory of networks")
+    profile.add_argument(
+        "args", nargs="+", metavar="ARG", help="one or more model names, then key=value overrides"
+    )
+    profile.add_argument("--config", default=None, help="experiment YAML whose model section is used")
+    profile.add_argument(
+        "--input", default="128,128,64", help="input size D,H,W in voxels (default 128,128,64)"
+    )
+    profile.add_argument("--landmarks", type=int, default=14, help="number of landmarks (output channels)")
+    profile.add_argument("--batch", type=int, default=1)
+    profile.add_argument("--device", default="cpu", help="cpu or cuda")
+    profile.add_argument("--repeats", type=int, default=3)
 
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -80,6 +94,27 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"written to {result.out_dir}")
 
 
+def _profile(args: argparse.Namespace) -> None:
+    from h3de.config import load_config
+    from h3de.networks import network_params
+    from h3de.profile import format_table, profile_network
+
+    names = [a for a in args.args if "=" not in a]
+    overrides = [a for a in args.args if "=" in a]
+    try:
+        size = [int(v) for v in args.input.split(",")]
+    except ValueError:
+        raise H3deError(f"--input '{args.input}' is not D,H,W integers") from None
+    results = []
+    for name in names:
+        cfg = load_config(args.config, [*overrides, f"model.name={name}", f"data.patch_size={size}"])
+        params = network_params(cfg.model)
+        results.append(
+            profile_network(name, params, size, args.landmarks, args.batch, args.device, args.repeats)
+        )
+    print(format_table(results))
+
+
 def _phantom(args: argparse.Namespace) -> None:
     from h3de.data.phantom import generate_phantom
 
@@ -93,7 +128,7 @@ def _phantom(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": _train, "evaluate": _evaluate, "data": _phantom}[args.command]
+    handler = {"train": _train, "evaluate": _evaluate, "profile": _profile, "data": _phantom}[args.command]
     try:
         handler(args)
     except H3deError as e:

@@ -79,20 +79,58 @@ class UNetConfig:
 
 
 @dataclass
+class SwinUNETRConfig:
+    """MONAI SwinUNETR (transformer-CNN hybrid comparison network)."""
+
+    feature_size: int = 24
+    depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
+    window_size: int = 7
+    use_v2: bool = False
+
+
+@dataclass
+class H3DENetConfig:
+    """H3DE-Net (read by both ``h3de_net`` and ``h3de_net_anchor``); sizes left null take the preset's."""
+
+    preset: str = "reference"  # reference | tiny
+    widths: list[int] | None = None  # 4 encoder stages
+    depths: list[int] | None = None
+    topk: list[int] | None = None
+    decoder_widths: list[int] | None = None  # 5 decoder levels, strides 16, 8, 4, 2, 1
+    head_dim: int = 8
+    region_grid: list[int] | None = field(default_factory=lambda: [4, 4, 2])  # fixed region count per axis
+    region_size: list[int] | None = None  # or fixed tokens per region per axis (set region_grid to null)
+    mlp_ratio: float = 4.0
+    attention: bool = True  # false: the "CNN only" ablation
+    lce_kernel: int = 5  # V-BRA local context enhancement (0 disables)
+    upsample: str = "sr"  # sr (super-resolution block) | trilinear
+    fusion: str = "concat"  # Feature Fusion Module: concat | sum | none
+    full_res_levels: int = 2  # input-skip decoder levels run (2: full resolution; fewer: upsampled heatmaps)
+    anchor_sizes: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25])  # anchor head, in cells
+    norm: str = "group"  # decoder normalisation: group | instance | batch | layer
+
+
+@dataclass
 class ModelConfig:
     """Network chosen by registry name; each network reads its own sub-config."""
 
     name: str = "unet"
     unet: UNetConfig = field(default_factory=UNetConfig)
+    swin_unetr: SwinUNETRConfig = field(default_factory=SwinUNETRConfig)
+    h3de_net: H3DENetConfig = field(default_factory=H3DENetConfig)
 
 
 @dataclass
 class LossConfig:
     """Heatmap loss, masked by landmark visibility."""
 
-    name: str = "spatial_ce"  # spatial_ce | weighted_mse
+    name: str = "spatial_ce"  # heatmap networks: spatial_ce | weighted_mse; anchor networks: anchor
     foreground_weight: float = 20.0  # weighted_mse: extra weight where the target exceeds 0.1
     target_scale: float = 1.0  # weighted_mse: peak value of the Gaussian target
+    hard_negatives: int = 15  # anchor: mined negatives per absent landmark and sample
+    offset_weight: float = 1.0  # anchor: weight of the smooth-L1 offset loss
+    top_candidates: int = 15  # anchor: candidates voted on per landmark when decoding
 
 
 @dataclass
@@ -158,7 +196,7 @@ _NAMED_SECTIONS = ("model", "loss", "optim", "logger")  # sections chosen by the
 
 _CHOICES = {
     "data.normalize": ("zscore", "percentile"),
-    "loss.name": ("weighted_mse", "spatial_ce"),
+    "loss.name": ("spatial_ce", "weighted_mse", "anchor"),
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.scheduler": ("cosine", "exponential", "constant"),
     "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
@@ -179,8 +217,31 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
 
 
+def _file_layers(path: Path, seen: list[Path]) -> list[tuple[Path, DictConfig]]:
+    """The YAML file and the files it builds on (``base: other.yaml``, relative to it), base first."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (base of {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' files form a cycle ({' -> '.join(map(str, seen))})")
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as e:  # yaml errors come in many classes
+        raise ConfigError(f"{path}: not valid YAML: {_first_line(e)}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    base = layer.pop("base", None)
+    if base is None:
+        return [(path, layer)]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be the path of another experiment YAML, got {base!r}")
+    return [*_file_layers(path.parent / base, [*seen, path.resolve()]), (path, layer)]
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Return the resolved, validated config: defaults <- YAML file <- ``key=value`` overrides.
+
+    A YAML file may build on another with ``base: other.yaml`` (a path relative to the file); its own
+    values win. The run is named after the file unless a file sets ``name``.
 
     ``model=X``, ``loss=X``, ``optim=X`` and ``logger=X`` are shorthand for ``<section>.name=X``.
 
@@ -190,16 +251,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     cfg = OmegaConf.structured(ExperimentConfig)
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            file_cfg = OmegaConf.load(path)
-        except Exception as e:  # yaml errors come in many classes
-            raise ConfigError(f"{path}: not valid YAML: {_first_line(e)}") from None
-        if not isinstance(file_cfg, DictConfig):
-            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
-        cfg = _merge(cfg, file_cfg, str(path))
-        if "name" not in file_cfg:
+        named = False
+        for layer_path, layer in _file_layers(path, []):
+            cfg = _merge(cfg, layer, str(layer_path))
+            named = named or "name" in layer
+        if not named:
             cfg.name = path.stem
     for item in overrides or []:
         if "=" not in item:
@@ -231,9 +287,16 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
-    from h3de.networks import require_network  # late: networks import torch/monai
+    from h3de.networks import check_network_input, network_params, network_spec  # late: imports torch
 
-    require_network(cfg.model.name)
+    spec = network_spec(cfg.model.name)
+    check_network_input(cfg.model.name, network_params(cfg.model), cfg.data.patch_size)
+    if (spec.output == "anchor") != (cfg.loss.name == "anchor"):
+        fits = "anchor" if spec.output == "anchor" else "spatial_ce or weighted_mse"
+        raise ConfigError(
+            f"loss.name='{cfg.loss.name}' does not fit model.name='{cfg.model.name}' ({spec.output} output): "
+            f"use loss.name={fits}"
+        )
     for key in ("data.spacing_mm", "data.patch_size", "data.augment.rotate_deg"):
         value = OmegaConf.select(cfg, key)
         if len(value) != 3:

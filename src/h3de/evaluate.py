@@ -81,7 +81,7 @@ def evaluate(
         cfg.data.root = str(data_root)
     if batch_size is not None:
         cfg.data.batch_size = batch_size
-    datamodule = LandmarkDataModule(cfg.data)
+    datamodule = LandmarkDataModule(cfg.data, heatmaps=False)  # evaluation reads positions, not targets
     if datamodule.landmark_names != module.landmark_names:
         raise DataError(
             f"{datamodule.manifest.path}: landmarks {datamodule.landmark_names} differ from the "
@@ -89,16 +89,17 @@ def evaluate(
         )
     out_dir = Path(out_dir) if out_dir is not None else checkpoint.resolve().parent.parent / f"eval_{split}"
 
-    case_ids, predicted, truth, present = [], [], [], []
+    case_ids, predicted, truth, present, presence = [], [], [], [], []
     with torch.inference_mode():
         for batch in datamodule.eval_dataloader(split):
             output = module(batch["image"].to(device))
-            _, world = module.decode(output, batch["affine"].to(device))
+            _, world, score = module.decode(output, batch["affine"].to(device))
             predicted.append(world.cpu())
+            presence.append(score.cpu())
             truth.append(batch["landmarks_world"])
             present.append(batch["present"])
             case_ids += list(batch["case_id"])
-    predicted, truth, present = torch.cat(predicted), torch.cat(truth), torch.cat(present)
+    predicted, truth, present, presence = (torch.cat(x) for x in (predicted, truth, present, presence))
     errors = radial_errors(predicted, truth, present)
 
     radii = list(cfg.sdr_radii_mm)
@@ -112,7 +113,7 @@ def evaluate(
             n: _finite_or_none(torch.nanmean(errors[:, i]).item()) for i, n in enumerate(names)
         },
     }
-    _write_outputs(out_dir, names, case_ids, predicted, truth, present, errors, radii, summary)
+    _write_outputs(out_dir, names, case_ids, predicted, presence, truth, present, errors, radii, summary)
     return EvaluationResult(out_dir, summary, errors, case_ids)
 
 
@@ -128,25 +129,18 @@ def _csv_text(header: list[str], rows: list[list]) -> str:
     return buffer.getvalue()
 
 
-def _write_outputs(out_dir, names, case_ids, predicted, truth, present, errors, radii, summary) -> None:
+def _write_outputs(
+    out_dir, names, case_ids, predicted, presence, truth, present, errors, radii, summary
+) -> None:
     rows = []
     for c, case in enumerate(case_ids):
         for i, name in enumerate(names):
             gt = truth[c, i].tolist() if present[c, i] else ["", "", ""]
             err = f"{errors[c, i].item():.4f}" if present[c, i] else ""
-            rows.append([case, name, int(present[c, i]), *gt, *predicted[c, i].tolist(), err])
-    header = [
-        "case_id",
-        "landmark",
-        "present",
-        "gt_x",
-        "gt_y",
-        "gt_z",
-        "pred_x",
-        "pred_y",
-        "pred_z",
-        "error_mm",
-    ]
+            score = f"{presence[c, i].item():.4f}"
+            rows.append([case, name, int(present[c, i]), *gt, *predicted[c, i].tolist(), score, err])
+    header = ["case_id", "landmark", "present", "gt_x", "gt_y", "gt_z", "pred_x", "pred_y", "pred_z"]
+    header += ["presence_score", "error_mm"]
     atomic_write(out_dir / "predictions.csv", _csv_text(header, rows))
 
     stat_keys = ["count", "mre_mm", "mre_sd_mm"] + [

@@ -14,10 +14,9 @@ from torchmetrics import MinMetric
 
 from h3de.config import config_from_dict
 from h3de.geometry import voxel_to_world
-from h3de.losses import build_loss
 from h3de.metrics import LandmarkErrors
-from h3de.networks import build_network
-from h3de.targets import decode_heatmaps
+from h3de.networks import build_network, network_params, network_spec
+from h3de.readout import build_readout
 
 __all__ = ["LandmarkModule"]
 
@@ -36,8 +35,10 @@ class LandmarkModule(L.LightningModule):
         self.cfg = config_from_dict(config)
         self.landmark_names = list(landmark_names)
         model = self.cfg.model
-        self.network = build_network(model.name, 1, len(landmark_names), model.get(model.name, {}))
-        self.loss = build_loss(self.cfg.loss)
+        spec = network_spec(model.name)
+        params = network_params(model)
+        self.network = build_network(model.name, 1, len(landmark_names), params)
+        self.readout = build_readout(spec.output, self.cfg.loss, len(landmark_names), params)
         radii = tuple(self.cfg.sdr_radii_mm)
         self.train_errors = LandmarkErrors(radii)
         self.val_errors = LandmarkErrors(radii)
@@ -45,19 +46,21 @@ class LandmarkModule(L.LightningModule):
         self.val_mre_best = MinMetric()
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 1, D, H, W) image -> (B, L, D, H, W) heatmaps (or logits, for spatial_ce)."""
+        """(B, 1, D, H, W) image -> the network's raw output (heatmaps, logits or anchor maps)."""
         return self.network(image)
 
-    def decode(self, output: torch.Tensor, affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Network output -> ((B, L, 3) voxel coordinates, (B, L, 3) float64 world mm)."""
-        voxel = decode_heatmaps(output, log_input=self.loss.log_domain)
-        return voxel, voxel_to_world(voxel.double(), affine.double())
+    def decode(
+        self, output: torch.Tensor, affine: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Network output -> ((B, L, 3) voxel coordinates, (B, L, 3) float64 world mm, (B, L) presence)."""
+        voxel, presence = self.readout.decode(output)
+        return voxel, voxel_to_world(voxel.double(), affine.double()), presence
 
     def model_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and (B, L, 3) predicted world mm for a packed batch."""
         output = self(batch["image"])
-        loss = self.loss(output, batch["heatmap"], batch["loss_mask"])
-        _, world = self.decode(output, batch["affine"])
+        loss = self.readout.loss(output, batch)
+        _, world, _ = self.decode(output, batch["affine"])
         return loss, world
 
     def on_train_start(self) -> None:

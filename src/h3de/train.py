@@ -15,6 +15,7 @@ from h3de.config import save_config, to_container
 from h3de.data.datamodule import LandmarkDataModule
 from h3de.loggers import build_loggers
 from h3de.module import LandmarkModule
+from h3de.networks import network_spec
 
 __all__ = ["TrainResult", "train", "make_run_dir"]
 
@@ -52,7 +53,7 @@ def train(cfg: DictConfig) -> TrainResult:
     checked before the run directory is created.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = LandmarkDataModule(cfg.data)
+    datamodule = LandmarkDataModule(cfg.data, heatmaps=network_spec(cfg.model.name).output == "heatmap")
     module = LandmarkModule(to_container(cfg), datamodule.landmark_names)
 
     run_dir = make_run_dir(cfg)

@@ -56,11 +56,14 @@ class LandmarkDataModule(L.LightningDataModule):
     Args:
         cfg: the ``data`` section of the experiment config.
         manifest_path: overrides ``cfg.root / cfg.manifest``.
+        heatmaps: add Gaussian heatmap targets to the samples (networks with heatmap output).
     """
 
-    def __init__(self, cfg: DataConfig, manifest_path: str | Path | None = None) -> None:
+    def __init__(
+        self, cfg: DataConfig, manifest_path: str | Path | None = None, heatmaps: bool = True
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.heatmaps = cfg, heatmaps
         self.manifest = load_manifest(manifest_path or Path(cfg.root) / cfg.manifest)
         self.records = {split: self._records(split) for split in ("train", "val", "test")}
         self.datasets: dict[tuple[str, bool], CacheDataset] = {}  # (split, augmented) -> dataset
@@ -111,7 +114,7 @@ class LandmarkDataModule(L.LightningDataModule):
             return self.datasets[split, augmented]
         if not self.records[split]:
             raise DataError(f"{self.manifest.path}: the '{split}' split has no cases")
-        transform = build_transforms(self.cfg, self.manifest.mirror_permutation(), train=augmented)
+        transform = build_transforms(self.cfg, self.manifest.mirror_permutation(), augmented, self.heatmaps)
         try:
             dataset = CacheDataset(
                 self.records[split],

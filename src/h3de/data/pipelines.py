@@ -28,7 +28,7 @@ from monai.transforms import (
 )
 
 from h3de.config import DataConfig
-from h3de.data.transforms import LandmarkHeatmapd, PackLandmarkSampled, RandMirrord
+from h3de.data.transforms import LandmarkHeatmapd, LandmarkMaskd, PackLandmarkSampled, RandMirrord
 from h3de.errors import DataError
 
 __all__ = ["build_transforms", "LoadVolumed"]
@@ -55,13 +55,17 @@ class LoadVolumed(LoadImaged):
         return out
 
 
-def build_transforms(cfg: DataConfig, mirror_permutation: Sequence[int], train: bool) -> Compose:
+def build_transforms(
+    cfg: DataConfig, mirror_permutation: Sequence[int], train: bool, heatmaps: bool = True
+) -> Compose:
     """The full per-sample chain for a split.
 
     Args:
         cfg: the ``data`` section of the experiment config.
         mirror_permutation: landmark index permutation of a left/right flip (from the manifest).
         train: add the random augmentation of ``cfg.augment``.
+        heatmaps: add Gaussian heatmap targets (networks with heatmap output); anchor networks encode
+            their targets from the voxel landmarks themselves.
 
     Returns:
         A ``Compose`` mapping ``{"image": path, "landmarks_world": (1, L, 3), "case_id"}`` to the
@@ -86,9 +90,11 @@ def build_transforms(cfg: DataConfig, mirror_permutation: Sequence[int], train: 
             invert_affine=True,
             affine_lps_to_ras=False,
         ),
-        LandmarkHeatmapd("landmarks_voxel", "image", sigma=cfg.heatmap_sigma),
-        PackLandmarkSampled("image", "landmarks_voxel"),
+        LandmarkMaskd("landmarks_voxel", "image"),
     ]
+    if heatmaps:
+        steps.append(LandmarkHeatmapd("landmarks_voxel", "image", sigma=cfg.heatmap_sigma))
+    steps.append(PackLandmarkSampled("image", "landmarks_voxel"))
     return Compose(steps)
 
 

@@ -17,7 +17,7 @@ from monai.transforms import Flip, MapTransform, RandomizableTransform
 
 from h3de.targets import gaussian_heatmaps, points_in_volume
 
-__all__ = ["RandMirrord", "LandmarkHeatmapd", "PackLandmarkSampled"]
+__all__ = ["RandMirrord", "LandmarkMaskd", "LandmarkHeatmapd", "PackLandmarkSampled"]
 
 
 class RandMirrord(RandomizableTransform, MapTransform):
@@ -70,18 +70,36 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
-class LandmarkHeatmapd(MapTransform):
-    """Gaussian heatmap targets from voxel-space landmarks, plus the loss mask.
+class LandmarkMaskd(MapTransform):
+    """Loss mask of voxel-space landmarks: present (finite) and inside the image grid.
 
     Reads ``points_key`` ((L, 3) or (1, L, 3) voxel coordinates of ``image_key``'s grid) and writes
-    ``heatmap_key`` ((L, D, H, W) float32) and ``mask_key`` ((L,) bool: present and inside the grid).
+    ``mask_key`` ((L,) bool).
+    """
+
+    def __init__(self, points_key: str, image_key: str, mask_key: str = "loss_mask") -> None:
+        super().__init__([points_key])
+        self.points_key, self.image_key, self.mask_key = points_key, image_key, mask_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        points = _plain(d[self.points_key]).reshape(-1, 3)
+        d[self.mask_key] = points_in_volume(points, tuple(d[self.image_key].shape[1:]))
+        return d
+
+
+class LandmarkHeatmapd(MapTransform):
+    """Gaussian heatmap targets of the landmarks in the loss mask (all-zero heatmaps for the others).
+
+    Reads ``points_key`` ((L, 3) or (1, L, 3) voxel coordinates of ``image_key``'s grid) and
+    ``mask_key`` (from :class:`LandmarkMaskd`), writes ``heatmap_key`` ((L, D, H, W) float32).
 
     Args:
         points_key: key of the voxel coordinates.
         image_key: key of the image whose spatial size the heatmaps take.
         sigma: Gaussian standard deviation in voxels.
         heatmap_key: output key of the heatmaps.
-        mask_key: output key of the loss mask.
+        mask_key: key of the loss mask.
     """
 
     def __init__(
@@ -101,12 +119,8 @@ class LandmarkHeatmapd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         points = _plain(d[self.points_key]).reshape(-1, 3)
-        spatial_size = tuple(d[self.image_key].shape[1:])
-        inside = points_in_volume(points, spatial_size)
-        d[self.heatmap_key] = gaussian_heatmaps(
-            torch.where(inside[:, None], points, torch.nan), spatial_size, self.sigma
-        )
-        d[self.mask_key] = inside
+        kept = torch.where(d[self.mask_key][:, None], points, torch.nan)
+        d[self.heatmap_key] = gaussian_heatmaps(kept, tuple(d[self.image_key].shape[1:]), self.sigma)
         return d
 
 
@@ -115,7 +129,8 @@ class PackLandmarkSampled(MapTransform):
 
     Output keys: ``image`` (C, D, H, W) float32 plain tensor; ``affine`` (4, 4) float64 voxel-to-world
     of that image; ``landmarks_voxel`` (L, 3) float32; ``landmarks_world`` (L, 3) float64 RAS mm;
-    ``present`` (L,) bool; ``loss_mask`` (L,) bool; ``heatmap`` (L, D, H, W) float32; ``case_id``.
+    ``present`` (L,) bool; ``loss_mask`` (L,) bool; ``case_id``; and ``heatmap`` (L, D, H, W) float32
+    when the chain made heatmaps.
     """
 
     def __init__(self, image_key: str = "image", points_key: str = "landmarks_voxel") -> None:
@@ -127,13 +142,15 @@ class PackLandmarkSampled(MapTransform):
         if not isinstance(image, MetaTensor):
             raise TypeError(f"'{self.image_key}' must be a MetaTensor carrying its affine")
         world = _plain(data["landmarks_world"]).reshape(-1, 3).to(torch.float64)
-        return {
+        sample = {
             "image": image.as_tensor().float(),
             "affine": image.affine.to(torch.float64).clone(),
             "landmarks_voxel": _plain(data[self.points_key]).reshape(-1, 3).float(),
             "landmarks_world": world,
             "present": torch.isfinite(world).all(dim=-1),
             "loss_mask": data["loss_mask"],
-            "heatmap": data["heatmap"],
             "case_id": data["case_id"],
         }
+        if "heatmap" in data:
+            sample["heatmap"] = data["heatmap"]
+        return sample

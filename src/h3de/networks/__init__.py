@@ -1,6 +1,22 @@
 """Networks: pure ``nn.Module``s (NCDHW in, one heatmap channel per landmark out), chosen by name."""
 
-from h3de.networks import baselines  # noqa: F401  (registers the baseline networks)
-from h3de.networks.registry import available_networks, build_network, register_network, require_network
+from h3de.networks import baselines, h3de_net  # noqa: F401  (register the networks)
+from h3de.networks.registry import (
+    available_networks,
+    build_network,
+    check_network_input,
+    network_params,
+    network_spec,
+    register_network,
+    require_network,
+)
 
-__all__ = ["available_networks", "build_network", "register_network", "require_network"]
+__all__ = [
+    "available_networks",
+    "build_network",
+    "check_network_input",
+    "network_params",
+    "network_spec",
+    "register_network",
+    "require_network",
+]

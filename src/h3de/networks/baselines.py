@@ -7,12 +7,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import UNet
+from monai.networks.nets import SwinUNETR, UNet
 from torch import nn
 
 from h3de.networks.registry import register_network
 
-__all__ = ["PadToMultiple", "unet"]
+__all__ = ["PadToMultiple", "unet", "swin_unetr"]
 
 
 class PadToMultiple(nn.Module):
@@ -74,3 +74,36 @@ def unet(
         dropout=dropout,
     )
     return PadToMultiple(network, math.prod(strides))
+
+
+@register_network("swin_unetr")
+def swin_unetr(
+    in_channels: int,
+    out_channels: int,
+    feature_size: int = 24,
+    depths: Sequence[int] = (2, 2, 2, 2),
+    num_heads: Sequence[int] = (3, 6, 12, 24),
+    window_size: int = 7,
+    use_v2: bool = False,
+) -> nn.Module:
+    """MONAI's SwinUNETR (shifted-window transformer encoder, CNN decoder); any input size works
+    (padded to a multiple of 32).
+
+    Args:
+        feature_size: embedding width (divisible by 12).
+        depths: Swin blocks per stage.
+        num_heads: attention heads per stage.
+        window_size: attention window side in tokens.
+        use_v2: SwinUNETR-v2 (residual convolution blocks per stage).
+    """
+    network = SwinUNETR(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        feature_size=feature_size,
+        depths=tuple(depths),
+        num_heads=tuple(num_heads),
+        window_size=window_size,
+        use_v2=use_v2,
+        spatial_dims=3,
+    )
+    return PadToMultiple(network, 32)

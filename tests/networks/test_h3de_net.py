@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from h3de.config import load_config
+from h3de.errors import ConfigError
+from h3de.networks import build_network, check_network_input
+from h3de.networks.attention import VolumetricBRA
+from h3de.networks.blocks import FeatureFusion, PixelShuffle3d, SuperResolutionUp
+from h3de.networks.h3de_net import stage_token_grids
+
+TINY = {"preset": "tiny", "region_grid": None, "region_size": [2, 2, 2], "topk": [2, 2, 1, 1]}
+
+
+def net(name="h3de_net", landmarks=3, **params):
+    return build_network(name, 1, landmarks, {**TINY, **params})
+
+
+@pytest.mark.parametrize("size", [(64, 32, 32), (40, 36, 28)])
+def test_heatmap_head_keeps_the_input_size(size):
+    out = net()(torch.randn(2, 1, *size))
+    assert out.shape == (2, 3, *size) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("size, cells", [((64, 32, 32), (16, 8, 8)), ((40, 36, 28), (10, 9, 7))])
+def test_anchor_head_outputs_stride_4_cells(size, cells):
+    out = net("h3de_net_anchor", anchor_sizes=[0.5, 1.0])(torch.randn(1, 1, *size))
+    assert out.shape == (1, 2 * 3 * 4, *cells) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["h3de_net", "h3de_net_anchor"])
+def test_every_parameter_receives_a_gradient(name):
+    network = net(name, fusion="sum")
+    network(torch.randn(1, 1, 64, 32, 32)).square().mean().backward()
+    missing = [n for n, p in network.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+
+
+def test_ablation_switches_change_the_architecture():
+    def count(network, cls):
+        return sum(isinstance(m, cls) for m in network.modules())
+
+    assert count(net(), VolumetricBRA) == 5  # tiny depths (1, 1, 2, 1)
+    assert count(net(attention=False), VolumetricBRA) == 0
+    assert count(net(), PixelShuffle3d) > 0 and count(net(upsample="trilinear"), PixelShuffle3d) == 0
+    assert count(net(), FeatureFusion) == 1 and count(net(fusion="none"), FeatureFusion) == 0
+    full, lean = net(), net(full_res_levels=0)
+    assert sum(p.numel() for p in lean.parameters()) < sum(p.numel() for p in full.parameters())
+    assert lean(torch.randn(1, 1, 64, 32, 32)).shape == (1, 3, 64, 32, 32)
+
+
+def test_explicit_sizes_override_the_preset():
+    network = net(widths=[8, 16, 32, 64], depths=[1, 1, 1, 1])
+    assert network.stages[3][0].mlp[0].in_features == 64 and len(network.stages[2]) == 1
+
+
+def test_pixel_shuffle_3d_matches_a_direct_definition():
+    x = torch.randn(2, 3 * 8, 2, 3, 4)
+    y = PixelShuffle3d(2)(x)
+    assert y.shape == (2, 3, 4, 6, 8)
+    for c, d, h, w in [(0, 0, 0, 0), (2, 3, 5, 7), (1, 1, 4, 2)]:
+        sub = (d % 2) * 4 + (h % 2) * 2 + (w % 2)  # channel c*8 + sub holds offset (d%2, h%2, w%2)
+        assert y[1, c, d, h, w] == x[1, c * 8 + sub, d // 2, h // 2, w // 2]
+    assert SuperResolutionUp(4, 5)(torch.randn(1, 4, 3, 3, 3)).shape == (1, 5, 6, 6, 6)
+
+
+@pytest.mark.parametrize(
+    "params, fragment",
+    [
+        ({"topk": [1, 4, 16, 40], "region_grid": [4, 4, 2], "region_size": None}, "topk"),
+        ({"widths": [12, 32, 64, 128]}, "widths[0]=12 is not divisible by head_dim=8"),
+        ({"region_grid": [4, 4, 2], "region_size": [2, 2, 2]}, "region"),
+        ({"upsample": "nearest"}, "upsample 'nearest'"),
+        ({"fusion": "max"}, "fusion 'max'"),
+        ({"preset": "huge"}, "preset 'huge'"),
+        ({"depths": [1, 1, 1]}, "depths"),
+    ],
+)
+def test_impossible_configs_are_refused_at_construction(params, fragment):
+    with pytest.raises(ConfigError, match="model.h3de_net") as info:
+        net(**params)
+    assert fragment in str(info.value)
+
+
+def test_region_grid_and_topk_checked_against_the_patch_size():
+    assert stage_token_grids((128, 128, 64))[0] == (32, 32, 16)
+    reference = {"preset": "reference", "region_grid": [4, 4, 2], "region_size": None}
+    check_network_input("h3de_net", reference, (128, 128, 64))  # the published configuration works
+    with pytest.raises(
+        ConfigError, match=r"stage 4 \(stride 32\) has 2x2x2 tokens, fewer than the region_grid"
+    ):
+        check_network_input("h3de_net", reference, (64, 64, 64))
+    with pytest.raises(ConfigError, match=r"fewer than topk\[3\]=2"):
+        check_network_input("h3de_net", {**TINY, "topk": [2, 2, 2, 2]}, (64, 64, 64))  # stage 4: 1 region
+    with pytest.raises(ConfigError, match="data.patch_size"):
+        load_config(None, ["model=h3de_net", "data.patch_size=[64,64,64]"])
