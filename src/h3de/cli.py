@@ -96,7 +96,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _profile(args: argparse.Namespace) -> None:
     from h3de.config import load_config
-    from h3de.networks import network_params
+    from h3de.networks import network_params, network_spec
     from h3de.profile import format_table, profile_network
 
     names = [a for a in args.args if "=" not in a]
@@ -107,7 +107,10 @@ def _profile(args: argparse.Namespace) -> None:
         raise H3deError(f"--input '{args.input}' is not D,H,W integers") from None
     results = []
     for name in names:
-        cfg = load_config(args.config, [*overrides, f"model.name={name}", f"data.patch_size={size}"])
+        loss = "anchor" if network_spec(name).output == "anchor" else "spatial_ce"  # a loss that fits
+        cfg = load_config(
+            args.config, [*overrides, f"model.name={name}", f"loss.name={loss}", f"data.patch_size={size}"]
+        )
         params = network_params(cfg.model)
         results.append(
             profile_network(name, params, size, args.landmarks, args.batch, args.device, args.repeats)

@@ -142,11 +142,12 @@ class PixelShuffle3d(nn.Module):
 
 
 class SuperResolutionUp(nn.Sequential):
-    """Learned x``factor`` upsampling: conv to C*r^3 channels, norm, activation, 3D pixel shuffle."""
+    """Learned x``factor`` upsampling: pointwise conv to C*r^3 channels, norm, activation, 3D pixel
+    shuffle (each coarse voxel's channels become its r^3 fine voxels)."""
 
     def __init__(self, in_ch: int, out_ch: int, factor: int = 2, norm: str = "instance") -> None:
         super().__init__(
-            ConvNormAct(in_ch, out_ch * factor**3, 3, norm=norm, act="leaky_relu"), PixelShuffle3d(factor)
+            ConvNormAct(in_ch, out_ch * factor**3, 1, norm=norm, act="leaky_relu"), PixelShuffle3d(factor)
         )
 
 
