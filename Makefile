@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg constraints.txt | cksum | cut -d' ' -f1)
 PHANTOM := data/phantom
-EXPERIMENT ?= experiments/phantom_unet.yaml
+EXPERIMENT ?= experiments/phantom_h3de.yaml
 ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -28,7 +28,7 @@ $(PHANTOM)/dataset.json: | $(STAMP)
 
 data: $(PHANTOM)/dataset.json ## generate the built-in phantom dataset (data/phantom)
 
-train: $(STAMP) $(PHANTOM)/dataset.json ## train EXPERIMENT (default experiments/phantom_unet.yaml); extra overrides in ARGS="key=value ..."
+train: $(STAMP) $(PHANTOM)/dataset.json ## train EXPERIMENT (default experiments/phantom_h3de.yaml); extra overrides in ARGS="key=value ..."
 	$(BIN)/h3de train $(EXPERIMENT) $(ARGS)
 
 test: $(STAMP) ## run the default test suite (slow tests excluded)
