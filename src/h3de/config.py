@@ -125,10 +125,14 @@ class ModelConfig:
 class LossConfig:
     """Heatmap loss, masked by landmark visibility."""
 
-    name: str = "spatial_ce"  # heatmap networks: spatial_ce | weighted_mse; anchor networks: anchor
+    name: str = (
+        "spatial_ce"  # heatmap networks: spatial_ce | weighted_mse | ball_ohnm; anchor networks: anchor
+    )
     foreground_weight: float = 20.0  # weighted_mse: extra weight where the target exceeds 0.1
     target_scale: float = 1.0  # weighted_mse: peak value of the Gaussian target
-    hard_negatives: int = 15  # anchor: mined negatives per absent landmark and sample
+    ball_radius: float = 3.0  # ball_ohnm: target ball radius in voxels
+    negative_ratio: float = 3.0  # ball_ohnm: mined negatives per positive voxel
+    hard_negatives: int = 15  # anchor, ball_ohnm: mined negatives per absent landmark and sample
     offset_weight: float = 1.0  # anchor: weight of the smooth-L1 offset loss
     top_candidates: int = 15  # anchor: candidates voted on per landmark when decoding
 
@@ -196,7 +200,7 @@ _NAMED_SECTIONS = ("model", "loss", "optim", "logger")  # sections chosen by the
 
 _CHOICES = {
     "data.normalize": ("zscore", "percentile"),
-    "loss.name": ("spatial_ce", "weighted_mse", "anchor"),
+    "loss.name": ("spatial_ce", "weighted_mse", "ball_ohnm", "anchor"),
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.scheduler": ("cosine", "exponential", "constant"),
     "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
@@ -292,7 +296,7 @@ def validate(cfg: DictConfig) -> None:
     spec = network_spec(cfg.model.name)
     check_network_input(cfg.model.name, network_params(cfg.model), cfg.data.patch_size)
     if (spec.output == "anchor") != (cfg.loss.name == "anchor"):
-        fits = "anchor" if spec.output == "anchor" else "spatial_ce or weighted_mse"
+        fits = "anchor" if spec.output == "anchor" else "spatial_ce, weighted_mse or ball_ohnm"
         raise ConfigError(
             f"loss.name='{cfg.loss.name}' does not fit model.name='{cfg.model.name}' ({spec.output} output): "
             f"use loss.name={fits}"

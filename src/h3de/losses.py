@@ -1,13 +1,21 @@
-"""Heatmap losses, averaged over the landmarks whose loss mask is set (present and inside the patch)."""
+"""Heatmap losses, averaged over the landmarks whose loss mask is set (present and inside the patch).
+
+Each loss also says how its network output is read: ``decodable(output)`` is what
+``h3de.targets.decode_heatmaps`` decodes (in the log domain when ``log_domain``), and
+``presence(output)`` is a (B, L) score in [0, 1].
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from h3de.config import LossConfig
 
-__all__ = ["WeightedMSELoss", "SpatialCrossEntropyLoss", "build_loss"]
+__all__ = ["WeightedMSELoss", "SpatialCrossEntropyLoss", "BallHardNegativeLoss", "build_loss"]
 
 
 def _masked_mean(per_landmark: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -32,6 +40,13 @@ class WeightedMSELoss(nn.Module):
         super().__init__()
         self.foreground_weight, self.target_scale = foreground_weight, target_scale
 
+    def decodable(self, output: torch.Tensor) -> torch.Tensor:
+        return output
+
+    def presence(self, output: torch.Tensor) -> torch.Tensor:
+        """Heatmap peak relative to the target peak (untrained for absent landmarks: a ranking score)."""
+        return (output.detach().float().flatten(2).amax(-1) / self.target_scale).clamp(0.0, 1.0)
+
     def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """prediction, target: (B, L, D, H, W); mask: (B, L) bool. Returns a scalar."""
         weight = 1.0 + self.foreground_weight * (target > 0.1).to(torch.float32)
@@ -47,6 +62,13 @@ class SpatialCrossEntropyLoss(nn.Module):
 
     log_domain = True
 
+    def decodable(self, output: torch.Tensor) -> torch.Tensor:
+        return output
+
+    def presence(self, output: torch.Tensor) -> torch.Tensor:
+        """Peak softmax probability (absence is not trained: a ranking score)."""
+        return torch.softmax(output.detach().float().flatten(2), dim=-1).amax(-1)
+
     def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """prediction (logits), target: (B, L, D, H, W); mask: (B, L) bool. Returns a scalar."""
         log_p = torch.log_softmax(prediction.float().flatten(2), dim=-1)
@@ -56,9 +78,69 @@ class SpatialCrossEntropyLoss(nn.Module):
         return _masked_mean(kl, mask)
 
 
-def build_loss(cfg: LossConfig) -> nn.Module:
+class BallHardNegativeLoss(nn.Module):
+    """The H3DE-Net reference's anchor-free target and loss, on per-voxel logits.
+
+    Target: the Gaussian heatmap inside a ball of ``radius`` voxels around the landmark, zero outside.
+    Loss (binary cross-entropy with logits, per landmark): the mean over the ball's voxels, plus the
+    mean over the hardest negatives only (highest loss outside the ball): ``negative_ratio`` times as
+    many as the ball has voxels for a landmark in the loss mask, ``hard_negatives`` for one that is
+    absent from the patch. Absent landmarks are thus trained toward "nowhere", so the peak sigmoid is
+    a presence probability.
+
+    Args:
+        sigma: the Gaussian targets' sigma in voxels (``data.heatmap_sigma``): the ball is where the
+            target is at least exp(-radius^2 / (2 sigma^2)).
+        radius: ball radius in voxels (>= 1).
+        negative_ratio: mined negatives per positive voxel of a present landmark.
+        hard_negatives: mined negatives per absent landmark.
+    """
+
+    log_domain = True
+
+    def __init__(
+        self, sigma: float, radius: float = 3.0, negative_ratio: float = 3.0, hard_negatives: int = 15
+    ):
+        super().__init__()
+        if radius < 1:
+            raise ValueError(f"ball radius must be at least 1 voxel, got {radius}")
+        if negative_ratio <= 0 or hard_negatives < 1:
+            raise ValueError(
+                f"negative_ratio ({negative_ratio}) and hard_negatives ({hard_negatives}) must be positive"
+            )
+        self.threshold = math.exp(-(radius**2) / (2 * sigma**2))
+        self.negative_ratio, self.hard_negatives = negative_ratio, hard_negatives
+
+    def decodable(self, output: torch.Tensor) -> torch.Tensor:
+        return F.logsigmoid(output.float())
+
+    def presence(self, output: torch.Tensor) -> torch.Tensor:
+        """Sigmoid of each landmark's highest logit."""
+        return torch.sigmoid(output.detach().float().flatten(2).amax(-1))
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """prediction (logits), target (Gaussian heatmaps): (B, L, D, H, W); mask: (B, L) bool. Scalar."""
+        logits, heat = prediction.float().flatten(2), target.float().flatten(2)  # (B, L, N)
+        ball = (heat >= self.threshold) & mask[..., None]  # (B, L, N)
+        bce = F.binary_cross_entropy_with_logits(logits, torch.where(ball, heat, 0.0), reduction="none")
+        positives = ball.sum(-1)  # (B, L)
+        positive_loss = (bce * ball).sum(-1) / positives.clamp_min(1)
+
+        # STEP: hardest negatives, a per-landmark count of them
+        count = torch.where(mask, (self.negative_ratio * positives).ceil().long(), self.hard_negatives)
+        count = count.clamp(max=logits.shape[-1])  # (B, L)
+        hardest = bce.masked_fill(ball, float("-inf")).topk(int(count.max()), dim=-1).values  # (B, L, K)
+        keep = torch.arange(hardest.shape[-1], device=hardest.device) < count[..., None]
+        negative_loss = torch.where(keep, hardest, 0.0).sum(-1) / count.clamp_min(1)
+        return (positive_loss + negative_loss).mean()
+
+
+def build_loss(cfg: LossConfig, heatmap_sigma: float) -> nn.Module:
+    """The heatmap loss named by ``cfg.name`` (targets of ``heatmap_sigma`` voxels)."""
     if cfg.name == "weighted_mse":
         return WeightedMSELoss(cfg.foreground_weight, cfg.target_scale)
     if cfg.name == "spatial_ce":
         return SpatialCrossEntropyLoss()
+    if cfg.name == "ball_ohnm":
+        return BallHardNegativeLoss(heatmap_sigma, cfg.ball_radius, cfg.negative_ratio, cfg.hard_negatives)
     raise ValueError(f"unknown loss '{cfg.name}'")

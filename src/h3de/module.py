@@ -38,7 +38,9 @@ class LandmarkModule(L.LightningModule):
         spec = network_spec(model.name)
         params = network_params(model)
         self.network = build_network(model.name, 1, len(landmark_names), params)
-        self.readout = build_readout(spec.output, self.cfg.loss, len(landmark_names), params)
+        self.readout = build_readout(
+            spec.output, self.cfg.loss, len(landmark_names), params, self.cfg.data.heatmap_sigma
+        )
         radii = tuple(self.cfg.sdr_radii_mm)
         self.train_errors = LandmarkErrors(radii)
         self.val_errors = LandmarkErrors(radii)

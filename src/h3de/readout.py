@@ -3,9 +3,10 @@
 A readout owns the loss on a packed batch and the decoding of the output to continuous INPUT-voxel
 positions plus a per-landmark presence score; the LightningModule maps positions to world mm.
 
-- ``HeatmapReadout``: heatmaps or spatial logits (``h3de.targets``, ``h3de.losses``). The presence
-  score is the heatmap peak (weighted_mse) or the peak softmax probability (spatial_ce); neither loss
-  trains absence, so it is a ranking score, not a calibrated probability.
+- ``HeatmapReadout``: heatmaps or per-voxel logits (``h3de.targets``, ``h3de.losses``). The presence
+  score is the heatmap peak (weighted_mse), the peak softmax probability (spatial_ce; neither trains
+  absence, so these rank rather than calibrate) or the peak sigmoid (ball_ohnm, trained on absent
+  landmarks by hard-negative mining).
 - ``AnchorReadout``: anchor maps (``h3de.anchors``); presence is the sigmoid of the best anchor logit,
   trained against absent landmarks by hard-negative mining.
 """
@@ -29,20 +30,18 @@ __all__ = ["HeatmapReadout", "AnchorReadout", "build_readout"]
 class HeatmapReadout(nn.Module):
     """Heatmap output (B, L, D, H, W): masked heatmap loss, arg-max + log-parabola decoding."""
 
-    def __init__(self, cfg: LossConfig) -> None:
+    def __init__(self, cfg: LossConfig, heatmap_sigma: float) -> None:
         super().__init__()
-        self.criterion = build_loss(cfg)
+        self.criterion = build_loss(cfg, heatmap_sigma)
 
     def loss(self, output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return self.criterion(output, batch["heatmap"], batch["loss_mask"])
 
     def decode(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """((B, L, 3) voxel positions, (B, L) presence score)."""
-        log_domain = self.criterion.log_domain
-        voxels = decode_heatmaps(output, log_input=log_domain)
-        flat = output.detach().float().flatten(2)
-        presence = torch.softmax(flat, dim=-1).amax(-1) if log_domain else flat.amax(-1).clamp(0.0, 1.0)
-        return voxels, presence
+        decodable = self.criterion.decodable(output.detach())
+        voxels = decode_heatmaps(decodable, log_input=self.criterion.log_domain)
+        return voxels, self.criterion.presence(output)
 
 
 class AnchorReadout(nn.Module):
@@ -73,8 +72,10 @@ class AnchorReadout(nn.Module):
         return decode_anchors(output, self.num_landmarks, self.stride, self.anchor_sizes, self.top_candidates)
 
 
-def build_readout(output: str, cfg: LossConfig, num_landmarks: int, network_params: Any) -> nn.Module:
+def build_readout(
+    output: str, cfg: LossConfig, num_landmarks: int, network_params: Any, heatmap_sigma: float
+) -> nn.Module:
     """The readout for a network whose registry ``output`` kind is "heatmap" or "anchor"."""
     if output == "anchor":
         return AnchorReadout(num_landmarks, network_params.anchor_sizes, 4, cfg)
-    return HeatmapReadout(cfg)
+    return HeatmapReadout(cfg, heatmap_sigma)
