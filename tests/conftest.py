@@ -59,11 +59,7 @@ def blob_dataset(tmp_path: Path) -> Path:
     cases = []
     for i, kind in enumerate(["ras", "lps", "oblique", "permuted", "ras", "lps"]):
         centre = np.array(shape) / 2
-        voxels = (
-            np.array([[-6.0, 0, 0], [6.0, 0, 0], [0, 0, 5.0], [0, 7.0, 0]])
-            + centre
-            + rng.uniform(-1, 1, (4, 3))
-        )
+        voxels = np.array([[-6.0, 0, 0], [6.0, 0, 0], [0, 0, 5.0], [0, 7.0, 0]]) + centre + rng.uniform(-1, 1, (4, 3))
         absent = (3,) if i == 1 else ()
         image, landmarks, _ = write_blob_case(tmp_path, f"case_{i}", blob_affine(kind), shape, voxels, absent)
         split = "train" if i < 4 else ("val" if i == 4 else "test")

@@ -110,9 +110,7 @@ def test_containment_is_the_closed_anchor_cube():
 
 def test_missing_and_outside_landmarks_have_no_positives():
     stride, grid = 2, (3, 3, 3)
-    points = torch.tensor(
-        [[[2.0, 2.0, 2.0], [NAN, NAN, NAN], [2.0, 2.0, 2.0], [-0.6, 1.0, 1.0], [1.0, 5.5, 1.0]]]
-    )
+    points = torch.tensor([[[2.0, 2.0, 2.0], [NAN, NAN, NAN], [2.0, 2.0, 2.0], [-0.6, 1.0, 1.0], [1.0, 5.5, 1.0]]])
     present = torch.tensor([[True, True, False, True, True]])
     targets = encode_anchor_targets(points, present, grid, stride)
     assert targets.present.tolist() == [[True, False, False, False, False]]

@@ -51,9 +51,7 @@ def test_weighted_mse_weights_the_peak_region():
 
 def test_build_loss_from_config():
     assert isinstance(build_loss(LossConfig(name="spatial_ce"), 1.5), SpatialCrossEntropyLoss)
-    ball = build_loss(
-        LossConfig(name="ball_ohnm", ball_radius=2.0, negative_ratio=2.0, hard_negatives=7), 1.0
-    )
+    ball = build_loss(LossConfig(name="ball_ohnm", ball_radius=2.0, negative_ratio=2.0, hard_negatives=7), 1.0)
     assert isinstance(ball, BallHardNegativeLoss) and ball.hard_negatives == 7
     assert ball.threshold == pytest.approx(math.exp(-2.0))
     mse = build_loss(LossConfig(name="weighted_mse", foreground_weight=3.0, target_scale=2.0), 1.5)

@@ -30,18 +30,14 @@ def learning_rates(overrides, epochs=10):
     "name, cls", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)]
 )
 def test_optimiser_from_config(name, cls):
-    optimizer, rates = learning_rates(
-        [f"optim={name}", "optim.lr=0.01", "optim.weight_decay=0.001"], epochs=1
-    )
+    optimizer, rates = learning_rates([f"optim={name}", "optim.lr=0.01", "optim.weight_decay=0.001"], epochs=1)
     assert isinstance(optimizer, cls)
     assert rates[0] == 0.01 and optimizer.param_groups[0]["weight_decay"] == 0.001
 
 
 def test_schedules_from_config():
     _, cosine = learning_rates(["optim.scheduler=cosine", "optim.lr=1.0"])
-    assert (
-        cosine[0] == pytest.approx(1.0) and cosine[5] == pytest.approx(0.5) and cosine == sorted(cosine)[::-1]
-    )
+    assert cosine[0] == pytest.approx(1.0) and cosine[5] == pytest.approx(0.5) and cosine == sorted(cosine)[::-1]
     _, exponential = learning_rates(["optim.scheduler=exponential", "optim.lr=1.0", "optim.gamma=0.5"])
     assert exponential[:3] == pytest.approx([1.0, 0.5, 0.25])
     _, constant = learning_rates(["optim.scheduler=constant", "optim.lr=0.3"])
@@ -56,9 +52,7 @@ def test_decode_maps_the_output_peak_to_world_mm(loss):
     voxels = torch.tensor([[[3.3, 4.6, 5.1], [8.0, 2.2, 6.7], [5.5, 5.5, 5.5]]])
     heat = gaussian_heatmaps(voxels, (12, 12, 12), 1.5)
     output = heat.clamp_min(1e-20).log() if m.readout.criterion.log_domain else heat
-    affine = torch.tensor(
-        [[0.0, 0.0, -2.0, 30.0], [1.5, 0.0, 0.0, -7.0], [0.0, 3.0, 0.0, 4.0], [0, 0, 0, 1.0]]
-    )
+    affine = torch.tensor([[0.0, 0.0, -2.0, 30.0], [1.5, 0.0, 0.0, -7.0], [0.0, 3.0, 0.0, 4.0], [0, 0, 0, 1.0]])
     decoded_voxels, world, presence = m.decode(output, affine[None].double())
     assert presence.shape == (1, 3) and (presence > 0).all()
     assert torch.allclose(decoded_voxels, voxels, atol=1e-3)

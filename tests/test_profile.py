@@ -10,9 +10,7 @@ from h3de.profile import format_table, peak_memory_bytes, profile_network
 
 @register_network("_test_single_conv")
 def _single_conv(in_channels: int, out_channels: int, width: int = 4) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv3d(in_channels, width, 3, padding=1, bias=False), nn.Conv3d(width, out_channels, 1)
-    )
+    return nn.Sequential(nn.Conv3d(in_channels, width, 3, padding=1, bias=False), nn.Conv3d(width, out_channels, 1))
 
 
 def test_counts_parameters_and_flops_of_a_known_network():

@@ -51,7 +51,5 @@ def test_missing_points_give_empty_heatmaps():
 
 
 def test_points_in_volume():
-    points = torch.tensor(
-        [[0.0, 0.0, 0.0], [-0.6, 1, 1], [9.49, 9.49, 9.49], [9.5, 0, 0], [float("nan"), 1, 1]]
-    )
+    points = torch.tensor([[0.0, 0.0, 0.0], [-0.6, 1, 1], [9.49, 9.49, 9.49], [9.5, 0, 0], [float("nan"), 1, 1]])
     assert points_in_volume(points, (10, 10, 10)).tolist() == [True, False, True, False, False]

@@ -54,10 +54,7 @@ def test_train_writes_config_metrics_checkpoints_and_evaluates(blob_dataset, tmp
     ):
         assert key in keys
     assert sum(1 for r in rows if r["val/mre_mm"]) == 2  # one per epoch, nothing from the sanity check
-    assert (
-        result.best_checkpoint.name == "best.ckpt"
-        and (result.run_dir / "checkpoints" / "last.ckpt").is_file()
-    )
+    assert result.best_checkpoint.name == "best.ckpt" and (result.run_dir / "checkpoints" / "last.ckpt").is_file()
 
     module = load_checkpoint(result.best_checkpoint)  # weights_only load, rebuilt from the saved config
     assert module.landmark_names == ["a_L", "a_R", "top", "front"]

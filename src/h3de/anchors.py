@@ -157,9 +157,7 @@ def encode_anchor_targets(
     if present is None:
         present = torch.ones(points_voxel.shape[:2], dtype=torch.bool, device=points_voxel.device)
     if present.shape != points_voxel.shape[:2]:
-        raise ValueError(
-            f"present must be (B, L) = {tuple(points_voxel.shape[:2])}, got {tuple(present.shape)}"
-        )
+        raise ValueError(f"present must be (B, L) = {tuple(points_voxel.shape[:2])}, got {tuple(present.shape)}")
     device = points_voxel.device
     points = points_voxel.detach().to(torch.float64)
     extent = stride * torch.tensor(grid, dtype=torch.float64, device=device) - 0.5
@@ -170,14 +168,10 @@ def encode_anchor_targets(
 
     contained, normalised = [], []
     for axis, num_cells in enumerate(grid):
-        displacement = points[..., axis, None, None] - _cell_centres(
-            num_cells, stride, device
-        )  # (B, L, 1, n)
+        displacement = points[..., axis, None, None] - _cell_centres(num_cells, stride, device)  # (B, L, 1, n)
         contained.append(displacement.abs() <= half[:, None])  # (B, L, A, n)
         normalised.append(displacement / half[:, None])  # (B, L, A, n)
-    positive = (
-        contained[0][..., :, None, None] & contained[1][..., None, :, None] & contained[2][..., None, None, :]
-    )
+    positive = contained[0][..., :, None, None] & contained[1][..., None, :, None] & contained[2][..., None, None, :]
     positive = positive & valid[..., None, None, None, None]  # (B, L, A, d, h, w)
     shape = positive.shape
     offsets = torch.stack(

@@ -22,9 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train an experiment")
-    train.add_argument(
-        "args", nargs="*", metavar="ARG", help="an experiment YAML first (optional), then key=value"
-    )
+    train.add_argument("args", nargs="*", metavar="ARG", help="an experiment YAML first (optional), then key=value")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a split (errors in world mm)")
@@ -35,13 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=None)
 
     profile = commands.add_parser("profile", help="parameters, FLOPs, time and peak memory of networks")
-    profile.add_argument(
-        "args", nargs="+", metavar="ARG", help="one or more model names, then key=value overrides"
-    )
+    profile.add_argument("args", nargs="+", metavar="ARG", help="one or more model names, then key=value overrides")
     profile.add_argument("--config", default=None, help="experiment YAML whose model section is used")
-    profile.add_argument(
-        "--input", default="128,128,64", help="input size D,H,W in voxels (default 128,128,64)"
-    )
+    profile.add_argument("--input", default="128,128,64", help="input size D,H,W in voxels (default 128,128,64)")
     profile.add_argument("--landmarks", type=int, default=14, help="number of landmarks (output channels)")
     profile.add_argument("--batch", type=int, default=1)
     profile.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -79,9 +73,7 @@ def _train(args: argparse.Namespace) -> None:
         print(f"W&B run saved offline; upload it with: wandb sync {offline_run}")
     if result.best_val_mre_mm is not None:
         print(f"best val MRE: {result.best_val_mre_mm:.2f} mm", end=" ")
-        print(
-            f"(landmark spread: {result.val_spread_mm:.2f} mm, the MRE of predicting mean training positions)"
-        )
+        print(f"(landmark spread: {result.val_spread_mm:.2f} mm, the MRE of predicting mean training positions)")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -112,9 +104,7 @@ def _profile(args: argparse.Namespace) -> None:
             args.config, [*overrides, f"model.name={name}", f"loss.name={loss}", f"data.patch_size={size}"]
         )
         params = network_params(cfg.model)
-        results.append(
-            profile_network(name, params, size, args.landmarks, args.batch, args.device, args.repeats)
-        )
+        results.append(profile_network(name, params, size, args.landmarks, args.batch, args.device, args.repeats))
     print(format_table(results))
 
 

@@ -125,9 +125,7 @@ class ModelConfig:
 class LossConfig:
     """Heatmap loss, masked by landmark visibility."""
 
-    name: str = (
-        "spatial_ce"  # heatmap networks: spatial_ce | weighted_mse | ball_ohnm; anchor networks: anchor
-    )
+    name: str = "spatial_ce"  # heatmap networks: spatial_ce | weighted_mse | ball_ohnm; anchor networks: anchor
     foreground_weight: float = 20.0  # weighted_mse: extra weight where the target exceeds 0.1
     target_scale: float = 1.0  # weighted_mse: peak value of the Gaussian target
     ball_radius: float = 3.0  # ball_ohnm: target ball radius in voxels
@@ -308,9 +306,7 @@ def validate(cfg: DictConfig) -> None:
     if any(s <= 0 for s in cfg.data.spacing_mm):
         raise ConfigError(f"data.spacing_mm must be positive, got {list(cfg.data.spacing_mm)}")
     if any(p < 8 for p in cfg.data.patch_size):
-        raise ConfigError(
-            f"data.patch_size must be at least 8 voxels per axis, got {list(cfg.data.patch_size)}"
-        )
+        raise ConfigError(f"data.patch_size must be at least 8 voxels per axis, got {list(cfg.data.patch_size)}")
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.heatmap_sigma": cfg.data.heatmap_sigma,

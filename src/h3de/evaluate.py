@@ -109,9 +109,7 @@ def evaluate(
         "split": split,
         "num_cases": len(case_ids),
         **summarize_errors(errors, radii),
-        "per_landmark_mre_mm": {
-            n: _finite_or_none(torch.nanmean(errors[:, i]).item()) for i, n in enumerate(names)
-        },
+        "per_landmark_mre_mm": {n: _finite_or_none(torch.nanmean(errors[:, i]).item()) for i, n in enumerate(names)},
     }
     _write_outputs(out_dir, names, case_ids, predicted, presence, truth, present, errors, radii, summary)
     return EvaluationResult(out_dir, summary, errors, case_ids)
@@ -129,9 +127,7 @@ def _csv_text(header: list[str], rows: list[list]) -> str:
     return buffer.getvalue()
 
 
-def _write_outputs(
-    out_dir, names, case_ids, predicted, presence, truth, present, errors, radii, summary
-) -> None:
+def _write_outputs(out_dir, names, case_ids, predicted, presence, truth, present, errors, radii, summary) -> None:
     rows = []
     for c, case in enumerate(case_ids):
         for i, name in enumerate(names):
@@ -143,17 +139,13 @@ def _write_outputs(
     header += ["presence_score", "error_mm"]
     atomic_write(out_dir / "predictions.csv", _csv_text(header, rows))
 
-    stat_keys = ["count", "mre_mm", "mre_sd_mm"] + [
-        k for k in summarize_errors(errors[:, :1], radii) if "sdr" in k
-    ]
+    stat_keys = ["count", "mre_mm", "mre_sd_mm"] + [k for k in summarize_errors(errors[:, :1], radii) if "sdr" in k]
     landmark_rows = [
         [name, *[summarize_errors(errors[:, i], radii)[k] for k in stat_keys]] for i, name in enumerate(names)
     ]
     atomic_write(out_dir / "per_landmark.csv", _csv_text(["landmark", *stat_keys], landmark_rows))
 
-    case_rows = [
-        [case, *[summarize_errors(errors[c], radii)[k] for k in stat_keys]] for c, case in enumerate(case_ids)
-    ]
+    case_rows = [[case, *[summarize_errors(errors[c], radii)[k] for k in stat_keys]] for c, case in enumerate(case_ids)]
     atomic_write(out_dir / "per_case.csv", _csv_text(["case_id", *stat_keys], case_rows))
 
     for c, case in enumerate(case_ids):

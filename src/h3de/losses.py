@@ -98,9 +98,7 @@ class BallHardNegativeLoss(nn.Module):
 
     log_domain = True
 
-    def __init__(
-        self, sigma: float, radius: float = 3.0, negative_ratio: float = 3.0, hard_negatives: int = 15
-    ):
+    def __init__(self, sigma: float, radius: float = 3.0, negative_ratio: float = 3.0, hard_negatives: int = 15):
         super().__init__()
         if radius < 1:
             raise ValueError(f"ball radius must be at least 1 voxel, got {radius}")

@@ -67,9 +67,6 @@ class LandmarkErrors(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         """Summary values plus ``per_landmark`` ((L,) MRE in mm, NaN for never-present landmarks)."""
         errors = dim_zero_cat(self.errors)
-        out = {
-            k: torch.tensor(v, dtype=torch.float64)
-            for k, v in summarize_errors(errors, self.radii_mm).items()
-        }
+        out = {k: torch.tensor(v, dtype=torch.float64) for k, v in summarize_errors(errors, self.radii_mm).items()}
         out["per_landmark"] = torch.nanmean(errors, dim=0)
         return out

@@ -51,9 +51,7 @@ class LandmarkModule(L.LightningModule):
         """(B, 1, D, H, W) image -> the network's raw output (heatmaps, logits or anchor maps)."""
         return self.network(image)
 
-    def decode(
-        self, output: torch.Tensor, affine: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode(self, output: torch.Tensor, affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Network output -> ((B, L, 3) voxel coordinates, (B, L, 3) float64 world mm, (B, L) presence)."""
         voxel, presence = self.readout.decode(output)
         return voxel, voxel_to_world(voxel.double(), affine.double()), presence
@@ -119,9 +117,7 @@ class LandmarkModule(L.LightningModule):
         elif cfg.name == "adam":
             optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
-            optimizer = torch.optim.SGD(
-                params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
-            )
+            optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         epochs = self.cfg.trainer.max_epochs
         warmup = min(cfg.warmup_epochs, epochs - 1)
         if cfg.scheduler == "cosine":

@@ -54,9 +54,7 @@ class AnchorReadout(nn.Module):
         cfg: the loss config (hard_negatives, offset_weight, top_candidates).
     """
 
-    def __init__(
-        self, num_landmarks: int, anchor_sizes: Sequence[float], stride: int, cfg: LossConfig
-    ) -> None:
+    def __init__(self, num_landmarks: int, anchor_sizes: Sequence[float], stride: int, cfg: LossConfig) -> None:
         super().__init__()
         self.num_landmarks, self.anchor_sizes, self.stride = num_landmarks, tuple(anchor_sizes), stride
         self.top_candidates = cfg.top_candidates

@@ -22,9 +22,7 @@ TEETH = ("tooth_L", "tooth_R")
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """20 cases at 4 mm, generated once for the module."""
-    return generate_phantom(
-        tmp_path_factory.mktemp("phantom"), seed=SEED, num_cases=NUM_CASES, voxel_mm=VOXEL_MM
-    )
+    return generate_phantom(tmp_path_factory.mktemp("phantom"), seed=SEED, num_cases=NUM_CASES, voxel_mm=VOXEL_MM)
 
 
 def _load(case) -> tuple[np.ndarray, np.ndarray]:
@@ -124,9 +122,7 @@ def test_geometry_varies_across_cases(dataset):
         linear = image.affine[:3, :3]
         assert np.count_nonzero(linear) == 3, "axes are permuted and flipped, never oblique"
     assert len(codes) >= 3 and {"RAS", "LPS"} & codes
-    assert max(in_plane) - min(in_plane) > 0.2 and all(
-        0.9 * VOXEL_MM <= s <= 1.1 * VOXEL_MM for s in in_plane
-    )
+    assert max(in_plane) - min(in_plane) > 0.2 and all(0.9 * VOXEL_MM <= s <= 1.1 * VOXEL_MM for s in in_plane)
     origins = np.array(origins)
     assert np.all(np.abs(origins) > 20.0)  # the grid is not centred on the world origin
     assert np.unique(origins.round(1), axis=0).shape[0] == len(origins)
@@ -218,9 +214,7 @@ def test_a_missing_canine_is_missing_from_the_image():
     spec = phantom._sample_case(SEED, index, 2.0)  # fine voxels, so the tooth tips are resolved
     image = phantom._render_image(spec)
     where = dict(zip(PHANTOM_LANDMARKS, phantom._world_landmarks(spec), strict=True))
-    present, absent = (
-        name for _, name in sorted(zip(spec.anatomy.canines, TEETH, strict=True), reverse=True)
-    )
+    present, absent = (name for _, name in sorted(zip(spec.anatomy.canines, TEETH, strict=True), reverse=True))
     present_peak = _peak_near(image, spec.affine, where[present], 3.0)
     absent_peak = _peak_near(image, spec.affine, where[absent], 3.0)
     assert np.isnan(phantom._case_landmarks(spec)[PHANTOM_LANDMARKS.index(absent)]).all()

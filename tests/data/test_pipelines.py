@@ -15,11 +15,7 @@ def sample(tmp_path, kind, seed=0, absent=()):
     rng = np.random.default_rng(seed)
     shape = (30, 34, 22)
     centre = np.array(shape) / 2
-    voxels = (
-        np.array([[-7.0, 1, 0], [7.0, 1, 0], [0, -2, 6.0], [0, 8.0, -1]])
-        + centre
-        + rng.uniform(-1, 1, (4, 3))
-    )
+    voxels = np.array([[-7.0, 1, 0], [7.0, 1, 0], [0, -2, 6.0], [0, 8.0, -1]]) + centre + rng.uniform(-1, 1, (4, 3))
     image, _, world = write_blob_case(tmp_path, f"{kind}_{seed}", blob_affine(kind), shape, voxels, absent)
     return {"image": str(image), "landmarks_world": torch.as_tensor(world)[None], "case_id": kind}
 
@@ -47,9 +43,7 @@ def blob_centroid(image: torch.Tensor, point: torch.Tensor, radius: int = 3) -> 
 def test_eval_pipeline_world_round_trip(tmp_path, kind):
     out = build_transforms(data_cfg(), MIRROR, train=False)(sample(tmp_path, kind, absent=(3,)))
     assert out["image"].shape == (1, 40, 40, 40) and out["heatmap"].shape == (4, 40, 40, 40)
-    assert out["present"].tolist() == [True, True, True, False] and out["loss_mask"].tolist() == [
-        True
-    ] * 3 + [False]
+    assert out["present"].tolist() == [True, True, True, False] and out["loss_mask"].tolist() == [True] * 3 + [False]
     world = out["landmarks_world"][:3]
     back = voxel_to_world(out["landmarks_voxel"][:3].double(), out["affine"])
     assert (back - world).abs().max() < 1e-4  # mm
@@ -91,9 +85,7 @@ def test_heatmap_peaks_follow_affine_and_flip(tmp_path, kind, seed):
 
 
 def test_without_flip_labels_stay(tmp_path):
-    cfg = data_cfg(
-        "data.augment.affine_prob=1.0", "data.augment.flip_prob=0.0", "data.augment.intensity_prob=0.0"
-    )
+    cfg = data_cfg("data.augment.affine_prob=1.0", "data.augment.flip_prob=0.0", "data.augment.intensity_prob=0.0")
     transform = build_transforms(cfg, MIRROR, train=True)
     transform.set_random_state(0)
     out = transform(sample(tmp_path, "oblique"))
@@ -110,6 +102,4 @@ def test_augmentation_is_reproducible_with_random_state(tmp_path):
         transform = build_transforms(cfg, MIRROR, train=True)
         transform.set_random_state(7)
         outs.append(transform(raw))
-    assert torch.equal(outs[0]["image"], outs[1]["image"]) and torch.equal(
-        outs[0]["affine"], outs[1]["affine"]
-    )
+    assert torch.equal(outs[0]["image"], outs[1]["image"]) and torch.equal(outs[0]["affine"], outs[1]["affine"])

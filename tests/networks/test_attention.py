@@ -133,9 +133,7 @@ def test_parameters_get_finite_gradients_and_routing_is_not_differentiated():
     )
 
 
-@pytest.mark.parametrize(
-    ("batch", "size", "kernel"), [(2, (5, 6, 7), 5), (1, (3, 4, 2), 3), (3, (4, 2, 3), 1)]
-)
+@pytest.mark.parametrize(("batch", "size", "kernel"), [(2, (5, 6, 7), 5), (1, (3, 4, 2), 3), (3, (4, 2, 3), 1)])
 def test_depthwise_conv_equals_torch_conv3d_with_its_fast_backward(batch, size, kernel):
     torch.manual_seed(5)
     conv = DepthwiseConv3d(3, kernel).double()

@@ -85,9 +85,7 @@ def test_region_grid_and_topk_checked_against_the_patch_size():
     assert stage_token_grids((128, 128, 64))[0] == (32, 32, 16)
     reference = {"preset": "reference", "region_grid": [4, 4, 2], "region_size": None}
     check_network_input("h3de_net", reference, (128, 128, 64))  # the published configuration works
-    with pytest.raises(
-        ConfigError, match=r"stage 4 \(stride 32\) has 2x2x2 tokens, fewer than the region_grid"
-    ):
+    with pytest.raises(ConfigError, match=r"stage 4 \(stride 32\) has 2x2x2 tokens, fewer than the region_grid"):
         check_network_input("h3de_net", reference, (64, 64, 64))
     with pytest.raises(ConfigError, match=r"fewer than topk\[3\]=2"):
         check_network_input("h3de_net", {**TINY, "topk": [2, 2, 2, 2]}, (64, 64, 64))  # stage 4: 1 region

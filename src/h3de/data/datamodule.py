@@ -59,9 +59,7 @@ class LandmarkDataModule(L.LightningDataModule):
         heatmaps: add Gaussian heatmap targets to the samples (networks with heatmap output).
     """
 
-    def __init__(
-        self, cfg: DataConfig, manifest_path: str | Path | None = None, heatmaps: bool = True
-    ) -> None:
+    def __init__(self, cfg: DataConfig, manifest_path: str | Path | None = None, heatmaps: bool = True) -> None:
         super().__init__()
         self.cfg, self.heatmaps = cfg, heatmaps
         self.manifest = load_manifest(manifest_path or Path(cfg.root) / cfg.manifest)
@@ -75,11 +73,7 @@ class LandmarkDataModule(L.LightningDataModule):
 
     def landmarks(self, split: str) -> torch.Tensor:
         """(N, L, 3) world mm landmarks of a split's cases (NaN = absent)."""
-        return (
-            torch.cat([r["landmarks_world"] for r in self.records[split]])
-            if self.records[split]
-            else torch.empty(0)
-        )
+        return torch.cat([r["landmarks_world"] for r in self.records[split]]) if self.records[split] else torch.empty(0)
 
     def mean_position_baseline_mm(self, split: str = "val") -> float:
         """MRE (mm) of predicting every landmark at its mean training position: the landmarks' spread."""

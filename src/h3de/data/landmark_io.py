@@ -38,9 +38,7 @@ def _format(path: Path) -> str:
     for suffix in LANDMARK_SUFFIXES:
         if name.endswith(suffix):
             return suffix
-    raise DataError(
-        f"{path}: unsupported landmark file type (expected one of {', '.join(LANDMARK_SUFFIXES)})"
-    )
+    raise DataError(f"{path}: unsupported landmark file type (expected one of {', '.join(LANDMARK_SUFFIXES)})")
 
 
 def read_landmarks(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:

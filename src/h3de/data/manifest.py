@@ -115,9 +115,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise DataError(f"{path}: 'landmarks' has duplicate names")
     pairs = []
     for pair in doc.get("mirrored_pairs", []):
-        if not (
-            isinstance(pair, list) and len(pair) == 2 and all(p in names for p in pair) and pair[0] != pair[1]
-        ):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(p in names for p in pair) and pair[0] != pair[1]):
             raise DataError(f"{path}: mirrored pair {pair} must be two different names from 'landmarks'")
         pairs.append((pair[0], pair[1]))
     paired = [n for p in pairs for n in p]
@@ -137,9 +135,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
             raise DataError(f"{path}: case id '{entry['id']}' appears twice")
         ids.add(entry["id"])
         if entry["split"] not in SPLITS:
-            raise DataError(
-                f"{path}: case '{entry['id']}' has split '{entry['split']}' (expected one of {SPLITS})"
-            )
+            raise DataError(f"{path}: case '{entry['id']}' has split '{entry['split']}' (expected one of {SPLITS})")
         image, landmarks = path.parent / entry["image"], path.parent / entry["landmarks"]
         for what, file in (("image", image), ("landmark file", landmarks)):
             if not file.is_file():

@@ -225,8 +225,7 @@ def _check_arguments(seed, num_cases, voxel_mm, split_fractions) -> tuple[float,
         or abs(sum(fractions) - 1.0) > 1e-6
     ):
         raise ValueError(
-            f"split_fractions must be {len(SPLITS)} positive fractions {SPLITS} summing to 1, "
-            f"got {split_fractions!r}"
+            f"split_fractions must be {len(SPLITS)} positive fractions {SPLITS} summing to 1, got {split_fractions!r}"
         )
     return tuple(float(f) for f in fractions)
 
@@ -381,9 +380,7 @@ def _place_grid(
         axis, sign = _AXIS_OF_LETTER[letter]
         span = (shape[j] - 1) * spacing[j]
         low = rng.uniform(hi[axis] - span, lo[axis])  # world coordinate of the grid's low end
-        assert low <= lo[axis] and low + span >= hi[axis], (
-            f"the head does not fit a {_FOV_MM} mm field of view"
-        )
+        assert low <= lo[axis] and low + span >= hi[axis], f"the head does not fit a {_FOV_MM} mm field of view"
         affine[axis, j] = sign * spacing[j]
         affine[axis, 3] = low if sign > 0 else low + span
     return affine, shape
@@ -395,9 +392,7 @@ def _place_grid(
 def _dot(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """``points @ matrix`` for (N, D) points and a (D,) or (D, M) matrix with small D, written out
     because BLAS threads slow such thin products down many times on a busy machine."""
-    return sum(points[:, i, None] * matrix[i] for i in range(len(matrix))).reshape(
-        len(points), *matrix.shape[1:]
-    )
+    return sum(points[:, i, None] * matrix[i] for i in range(len(matrix))).reshape(len(points), *matrix.shape[1:])
 
 
 def _displacement(warp: _Warp, q: np.ndarray) -> np.ndarray:
@@ -617,9 +612,7 @@ def _sd_teeth(a: _Anatomy, p: np.ndarray) -> np.ndarray:
     mirrored = _mirror(p)
     canine, others = _tooth_cones(a)
     distances = [_sd_cone(x, *cone) for cone in others for x in (p, mirrored)]
-    distances += [
-        _sd_cone(x, *canine) for x, present in zip((mirrored, p), a.canines, strict=True) if present
-    ]
+    distances += [_sd_cone(x, *canine) for x, present in zip((mirrored, p), a.canines, strict=True) if present]
     return np.min(distances, axis=0)
 
 

@@ -49,15 +49,11 @@ class LoadVolumed(LoadImaged):
             raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
         image = out[self.key]
         if image.ndim != 4 or image.shape[0] != 1:
-            raise DataError(
-                f"{path}: expected a single-channel 3D volume, got array shape {tuple(image.shape)[1:]}"
-            )
+            raise DataError(f"{path}: expected a single-channel 3D volume, got array shape {tuple(image.shape)[1:]}")
         return out
 
 
-def build_transforms(
-    cfg: DataConfig, mirror_permutation: Sequence[int], train: bool, heatmaps: bool = True
-) -> Compose:
+def build_transforms(cfg: DataConfig, mirror_permutation: Sequence[int], train: bool, heatmaps: bool = True) -> Compose:
     """The full per-sample chain for a split.
 
     Args:
@@ -102,9 +98,7 @@ def _normalizer(name: str):
     if name == "zscore":
         return NormalizeIntensityd("image")
     if name == "percentile":
-        return ScaleIntensityRangePercentilesd(
-            "image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True
-        )
+        return ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
     raise ValueError(f"unknown normalisation '{name}'")
 
 

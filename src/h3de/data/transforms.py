@@ -47,9 +47,7 @@ class RandMirrord(RandomizableTransform, MapTransform):
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         if sorted(permutation) != list(range(len(permutation))):
-            raise ValueError(
-                f"permutation {list(permutation)} is not a permutation of 0..{len(permutation) - 1}"
-            )
+            raise ValueError(f"permutation {list(permutation)} is not a permutation of 0..{len(permutation) - 1}")
         self.landmark_keys = tuple(landmark_keys)
         self.permutation = torch.as_tensor(list(permutation), dtype=torch.long)
         self.flipper = Flip(spatial_axis=spatial_axis)

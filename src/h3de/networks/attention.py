@@ -112,8 +112,7 @@ def bi_level_routing_attention(
     """
     if q.dim() != 5 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
-            f"q, k, v must share one (B, D, H, W, C) shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}"
+            f"q, k, v must share one (B, D, H, W, C) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     B, D, H, W, C = q.shape
     num_regions = _check_triple("num_regions", num_regions)
@@ -128,17 +127,13 @@ def bi_level_routing_attention(
         raise ValueError(f"topk={topk} must be in [1, {R}] (the {_fmt(num_regions)} regions)")
     if valid is not None:
         if valid.shape != (B, D, H, W) or valid.dtype != torch.bool:
-            raise ValueError(
-                f"valid must be a (B, D, H, W) = {(B, D, H, W)} bool mask, got {tuple(valid.shape)}"
-            )
+            raise ValueError(f"valid must be a (B, D, H, W) = {(B, D, H, W)} bool mask, got {tuple(valid.shape)}")
         if bool(valid.all()):
             valid = None  # nothing to mask: take the unmasked (faster) kernels
 
     if topk == R:
         # Every region routes to every region, so every query sees every key: dense attention.
-        q_t, k_t, v_t = (
-            t.reshape(B, N, num_heads, head_dim).transpose(1, 2) for t in (q, k, v)
-        )  # (B, heads, N, e)
+        q_t, k_t, v_t = (t.reshape(B, N, num_heads, head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, e)
         mask = None if valid is None else valid.reshape(B, 1, 1, N)
         out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask)  # (B, heads, N, e)
         return out.transpose(1, 2).reshape(B, D, H, W, C)
@@ -270,8 +265,7 @@ class VolumetricBRA(nn.Module):
             region_grid = _check_triple("region_grid", region_grid)
             if topk > math.prod(region_grid):
                 raise ValueError(
-                    f"topk={topk} exceeds the {_fmt(region_grid)}={math.prod(region_grid)} regions of "
-                    "region_grid"
+                    f"topk={topk} exceeds the {_fmt(region_grid)}={math.prod(region_grid)} regions of region_grid"
                 )
         if region_size is not None:
             region_size = _check_triple("region_size", region_size)

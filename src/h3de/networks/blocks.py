@@ -60,9 +60,7 @@ class ConvNormAct(nn.Sequential):
         norm: str = "instance",
         act: str | None = "gelu",
     ) -> None:
-        activation = {"gelu": nn.GELU(), "leaky_relu": nn.LeakyReLU(0.01, inplace=True), None: nn.Identity()}[
-            act
-        ]
+        activation = {"gelu": nn.GELU(), "leaky_relu": nn.LeakyReLU(0.01, inplace=True), None: nn.Identity()}[act]
         super().__init__(
             nn.Conv3d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False),
             norm3d(norm, out_ch),
@@ -146,9 +144,7 @@ class SuperResolutionUp(nn.Sequential):
     shuffle (each coarse voxel's channels become its r^3 fine voxels)."""
 
     def __init__(self, in_ch: int, out_ch: int, factor: int = 2, norm: str = "instance") -> None:
-        super().__init__(
-            ConvNormAct(in_ch, out_ch * factor**3, 1, norm=norm, act="leaky_relu"), PixelShuffle3d(factor)
-        )
+        super().__init__(ConvNormAct(in_ch, out_ch * factor**3, 1, norm=norm, act="leaky_relu"), PixelShuffle3d(factor))
 
 
 class TrilinearUp(nn.Module):
@@ -174,9 +170,7 @@ class DecoderBlock(nn.Module):
         norm: normalisation kind.
     """
 
-    def __init__(
-        self, in_ch: int, skip_ch: int, out_ch: int, upsample: str = "sr", norm: str = "instance"
-    ) -> None:
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, upsample: str = "sr", norm: str = "instance") -> None:
         super().__init__()
         if upsample == "sr":
             self.up = SuperResolutionUp(in_ch, out_ch, 2, norm)

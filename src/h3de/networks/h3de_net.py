@@ -99,9 +99,7 @@ class H3DENet(nn.Module):
         norm: str = "group",
     ) -> None:
         super().__init__()
-        _check_sizes(
-            head, widths, depths, topk, decoder_widths, head_dim, fusion, full_res_levels, num_anchors
-        )
+        _check_sizes(head, widths, depths, topk, decoder_widths, head_dim, fusion, full_res_levels, num_anchors)
         self.head_kind, self.full_res_levels = head, full_res_levels if head == "heatmap" else 0
         w, dw = list(widths), list(decoder_widths)
 
@@ -116,9 +114,7 @@ class H3DENet(nn.Module):
         self.stages = nn.ModuleList(
             nn.Sequential(
                 *[
-                    HybridBlock(
-                        w[i], topk[i], head_dim, region_grid, region_size, mlp_ratio, attention, lce_kernel
-                    )
+                    HybridBlock(w[i], topk[i], head_dim, region_grid, region_size, mlp_ratio, attention, lce_kernel)
                     for _ in range(depths[i])
                 ]
             )
@@ -183,9 +179,7 @@ class H3DENet(nn.Module):
         return out[..., : size[0], : size[1], : size[2]]
 
 
-def _check_sizes(
-    head, widths, depths, topk, decoder_widths, head_dim, fusion, full_res_levels, num_anchors
-) -> None:
+def _check_sizes(head, widths, depths, topk, decoder_widths, head_dim, fusion, full_res_levels, num_anchors) -> None:
     if head not in ("heatmap", "anchor"):
         raise ValueError(f"head '{head}' is not one of heatmap, anchor")
     for name, values, count in (("widths", widths, 4), ("depths", depths, 4), ("topk", topk, 4)):
@@ -197,9 +191,7 @@ def _check_sizes(
         if width % head_dim:
             raise ValueError(f"widths[{i}]={width} is not divisible by head_dim={head_dim}")
     if widths[0] % 2:
-        raise ValueError(
-            f"widths[0]={widths[0]} must be even (the stem's first conv has widths[0] / 2 channels)"
-        )
+        raise ValueError(f"widths[0]={widths[0]} must be even (the stem's first conv has widths[0] / 2 channels)")
     if fusion not in ("concat", "sum", "none"):
         raise ValueError(f"fusion '{fusion}' is not one of concat, sum, none")
     if full_res_levels not in (0, 1, 2):
@@ -223,9 +215,7 @@ def _check_input(params: dict, input_size: list[int]) -> None:
         where = f"stage {stage + 1} (stride {STRIDES[stage]}) has {'x'.join(map(str, tokens))} tokens"
         if grid is not None:
             if any(t < g for t, g in zip(tokens, grid, strict=True)):
-                raise ValueError(
-                    f"{where}, fewer than the region_grid {list(grid)}: use region_size or a larger patch"
-                )
+                raise ValueError(f"{where}, fewer than the region_grid {list(grid)}: use region_size or a larger patch")
             regions = math.prod(grid)
         else:
             regions = math.prod(math.ceil(t / s) for t, s in zip(tokens, size, strict=True))
