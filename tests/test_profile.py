@@ -26,7 +26,7 @@ def test_counts_parameters_and_flops_of_a_known_network():
 def test_cpu_peak_memory_sees_a_large_temporary():
     size = 64 * 2**20
     peak = peak_memory_bytes(lambda: torch.ones(size // 4).sum(), torch.device("cpu"))
-    assert peak is not None and peak >= 0.9 * size
+    assert size <= peak < 1.1 * size
 
 
 def test_table_and_cli(capsys):

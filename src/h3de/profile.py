@@ -1,23 +1,23 @@
 """``profile_network``: parameters, FLOPs, time and peak memory of any registry network.
 
 FLOPs are counted by ``torch.utils.flop_counter`` (two FLOPs per multiply-add) for one forward pass.
-Times are medians over repeats after a warm-up. Peak memory is the growth above the memory held
-before the call (model and input): on CUDA from the caching allocator's peak, on CPU from the
-process's peak resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``), measured
-around one forward+backward pass.
+Times are medians over repeats after a warm-up. Peak memory is the most tensor memory live at once
+during one forward+backward pass, above what was allocated before it (model and input): on CUDA the
+caching allocator's peak, on CPU the running sum of the allocator's allocation and free events
+recorded by ``torch.profiler`` (``profile_memory=True``).
 """
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from h3de.errors import H3deError
@@ -34,17 +34,12 @@ class ProfileResult:
     forward_gflops: float
     forward_s: float
     forward_backward_s: float
-    peak_memory_gb: float | None  # forward + backward, above model and input; None where unmeasurable
+    peak_memory_gb: float  # forward + backward, above model and input
     device: str
 
 
-def _status_bytes(key: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024
-
-
-def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
-    """Peak memory growth (bytes) while ``fn`` runs; None on a CPU without Linux /proc accounting."""
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """The most tensor memory (bytes) live at once while ``fn`` runs, above what was live before."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -52,13 +47,16 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int | None
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        before = _status_bytes("VmRSS")
-    except OSError:
-        return None
-    fn()
-    return _status_bytes("VmHWM") - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    live = peak = 0
+    for event in events:  # allocations are positive, frees negative
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def _median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
@@ -82,15 +80,20 @@ def profile_network(
     batch_size: int = 1,
     device: str = "cpu",
     repeats: int = 3,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> ProfileResult:
-    """Profile the registry network ``name`` built from ``params`` on a random (B, 1, D, H, W) input."""
+    """Profile the registry network ``name`` built from ``params`` on a random (B, 1, D, H, W) input.
+
+    ``wrap`` may replace parts of the built network (e.g. a reference implementation to compare with).
+    """
     if len(input_size) != 3 or any(s < 1 for s in input_size):
         raise H3deError(f"input size {list(input_size)} must be three positive integers D,H,W")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise H3deError("device 'cuda' requested but no CUDA device is available")
     torch.manual_seed(0)
-    network = build_network(name, 1, num_landmarks, params).to(dev)
+    network = build_network(name, 1, num_landmarks, params)
+    network = (wrap(network) if wrap is not None else network).to(dev)
     x = torch.randn(batch_size, 1, *input_size, device=dev)
 
     def forward():
@@ -112,7 +115,7 @@ def profile_network(
         forward_gflops=counter.get_total_flops() / 1e9,
         forward_s=_median_seconds(forward, dev, repeats),
         forward_backward_s=_median_seconds(forward_backward, dev, repeats),
-        peak_memory_gb=peak / 2**30 if peak is not None else None,
+        peak_memory_gb=peak / 2**30,
         device=str(dev),
     )
 
@@ -124,7 +127,7 @@ def format_table(results: Sequence[ProfileResult]) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        memory = f"{r.peak_memory_gb:.2f}" if r.peak_memory_gb is not None else "n/a"
+        memory = f"{r.peak_memory_gb:.2f}"
         size = "x".join(map(str, r.input_size))
         lines.append(
             f"| {r.model} | {size} | {r.parameters / 1e6:.2f} | {r.forward_gflops:.1f} "
