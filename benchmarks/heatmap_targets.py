@@ -12,10 +12,10 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from monai.transforms import GenerateHeatmap
+from report import write_report
 
 from h3de.targets import decode_heatmaps, gaussian_heatmaps
 
@@ -66,9 +66,7 @@ def main() -> None:
         "Reproduce: `.venv/bin/python benchmarks/heatmap_targets.py`",
         "",
     ]
-    text = "\n".join(lines)
-    Path(__file__).with_suffix(".md").write_text(text)
-    print(text)
+    write_report(__file__, lines)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import platform
 from pathlib import Path
 
 import torch
+from report import write_report
 
 from h3de.config import load_config
 from h3de.data.phantom import PHANTOM_MIRRORED_PAIRS, generate_phantom
@@ -86,9 +87,7 @@ def main() -> None:
         f"Reproduce: `.venv/bin/python benchmarks/phantom_accuracy.py {' '.join(args.experiments)}`",
         "",
     ]
-    text = "\n".join(lines)
-    Path(__file__).with_suffix(".md").write_text(text)
-    print(text)
+    write_report(__file__, lines)
 
 
 if __name__ == "__main__":

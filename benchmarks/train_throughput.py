@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.profilers import SimpleProfiler
+from report import write_report
 
 from h3de.config import load_config, to_container
 from h3de.data.datamodule import LandmarkDataModule
@@ -112,9 +113,7 @@ def main() -> None:
         f"--epochs {args.epochs} --workers {' '.join(map(str, args.workers))}`",
         "",
     ]
-    text = "\n".join(lines)
-    Path(__file__).with_suffix(".md").write_text(text)
-    print(text)
+    write_report(__file__, lines)
 
 
 if __name__ == "__main__":
