@@ -40,3 +40,9 @@ def test_unknown_network_and_bad_arguments_are_config_errors():
         build_network("resnet", 1, 2, {})
     with pytest.raises(ConfigError, match="model.unet: .*strides"):
         build_network("unet", 1, 2, {**UNET, "strides": [2]})
+
+
+def test_swin_unetr_is_registered_and_accepts_any_size():
+    net = build_network("swin_unetr", 1, 2, {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]})
+    out = net(torch.randn(1, 1, 40, 36, 33))  # padded to 64^3: the deepest level keeps 2^3 voxels
+    assert out.shape == (1, 2, 40, 36, 33) and torch.isfinite(out).all()
