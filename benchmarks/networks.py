@@ -1,0 +1,107 @@
+"""Whole networks at the reference configuration: parameters, FLOPs, time and peak memory, side by side.
+
+At a 1x1x128x128x64 input with 14 landmarks (the H3DE-Net paper's patch), this measures:
+
+- H3DE-Net (anchor-free and anchor-based) at the published sizes ("reference" preset, 4x4x2 regions,
+  top-k [1, 4, 16, 16]) with h3de's V-BRA;
+- the same networks with every V-BRA computed by the reference gather-then-explicit-softmax
+  formulation (``reference_vbra`` of benchmarks/vbra_attention.py, same weights), measured in the same
+  process: the side-by-side reference run;
+- the comparison networks (U-Net and SwinUNETR at their config defaults).
+
+The H3DE-Net reference code itself measured (as given in the issue tracker, same CPU kind):
+anchor-free 24.5 M parameters, 130 GFLOPs, forward+backward about 9 s and 2.7 GB; anchor-based 24.5 M,
+43 GFLOPs, about 3.3 s and 2.3 GB. Rewrites benchmarks/networks.md.
+
+    .venv/bin/python benchmarks/networks.py
+"""
+
+from __future__ import annotations
+
+import platform
+import types
+
+import torch
+from report import write_report
+from vbra_attention import reference_vbra
+
+from h3de.config import load_config
+from h3de.networks import network_params
+from h3de.networks.attention import VolumetricBRA
+from h3de.profile import ProfileResult, format_table, profile_network
+
+INPUT, LANDMARKS, REPEATS = (128, 128, 64), 14, 3
+REFERENCE_CODE = {  # the H3DE-Net reference code, as measured in the issue tracker
+    "h3de_net": (24.5, 130, 9.0, 2.7),
+    "h3de_net_anchor": (24.5, 43, 3.3, 2.3),
+}
+
+
+def params_of(name: str) -> dict:
+    loss = "anchor" if name == "h3de_net_anchor" else "spatial_ce"
+    cfg = load_config(None, [f"model.name={name}", f"loss.name={loss}", f"data.patch_size={list(INPUT)}"])
+    return dict(network_params(cfg.model))
+
+
+def with_reference_attention(network: torch.nn.Module) -> torch.nn.Module:
+    """Route every V-BRA module of ``network`` through the reference formulation (same weights)."""
+    for module in network.modules():
+        if isinstance(module, VolumetricBRA):
+            module.forward = types.MethodType(reference_vbra, module)
+    return network
+
+
+def main() -> None:
+    ours: list[ProfileResult] = []
+    reference: list[ProfileResult] = []
+    for name in ("h3de_net", "h3de_net_anchor"):
+        ours.append(profile_network(name, params_of(name), INPUT, LANDMARKS, repeats=REPEATS))
+        ref = profile_network(name, params_of(name), INPUT, LANDMARKS, repeats=REPEATS, wrap=with_reference_attention)
+        ref.model = f"{name} (reference attention)"
+        reference.append(ref)
+    baselines = [profile_network(n, params_of(n), INPUT, LANDMARKS, repeats=REPEATS) for n in ("unet", "swin_unetr")]
+
+    comparison = [
+        "| network | time vs reference attention | memory vs reference attention | time vs reference code (issue) "
+        "| memory vs reference code (issue) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for o, r in zip(ours, reference, strict=True):
+        _, _, code_s, code_gb = REFERENCE_CODE[o.model]
+        comparison.append(
+            f"| {o.model} | {o.forward_backward_s / r.forward_backward_s:.2f}x "
+            f"| {o.peak_memory_gb / r.peak_memory_gb:.2f}x | {o.forward_backward_s / code_s:.2f}x "
+            f"| {o.peak_memory_gb * 2**30 / 1e9 / code_gb:.2f}x |"
+        )
+    code_rows = [
+        f"| {name} (reference code, issue) | 1x1x128x128x64 | {p} | {g} | | {s} | {m} GB |"
+        for name, (p, g, s, m) in REFERENCE_CODE.items()
+    ]
+    lines = [
+        "# Whole networks at the reference configuration",
+        "",
+        f"Input 1x1x{'x'.join(map(str, INPUT))}, {LANDMARKS} landmarks, fp32, {torch.get_num_threads()} torch "
+        f"threads on {platform.machine()} CPU, torch {torch.__version__}. FLOPs by `torch.utils.flop_counter` "
+        "(two per multiply-add, forward). Times: median of "
+        f"{REPEATS} runs after a warm-up. Peak memory: tensor memory live at once during one forward+backward "
+        "(`torch.profiler` memory events), above the model and input.",
+        "",
+        format_table([*ours, *reference, *baselines]),
+        *code_rows,
+        "",
+        "`torch.utils.flop_counter` has no formula for the fused CPU attention kernel "
+        "(`_scaled_dot_product_flash_attention_for_cpu`), so the h3de rows omit the attention's own FLOPs "
+        "(about 5 GFLOPs: the difference to the reference-attention rows, whose explicit matmuls are counted).",
+        "",
+        "## Goals: forward+backward time <= 1.0x and peak memory <= 0.8x of the reference",
+        "",
+        *comparison,
+        "",
+        "Reproduce: `.venv/bin/python benchmarks/networks.py`",
+        "",
+    ]
+    write_report(__file__, lines)
+
+
+if __name__ == "__main__":
+    main()
