@@ -45,9 +45,12 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix src tests benchmarks
 	$(BIN)/ruff format src tests benchmarks
 
-benchmark: $(STAMP) ## run the benchmarks and rewrite benchmarks/RESULTS.md
+benchmark: $(STAMP) $(PHANTOM)/dataset.json ## run every benchmark (about 45 min on 2 cores); each rewrites its .md
 	$(BIN)/python benchmarks/heatmap_targets.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/vbra_attention.py
+	$(BIN)/python benchmarks/networks.py
+	$(BIN)/python benchmarks/phantom_accuracy.py
 
 clean: ## remove runs and generated data (keeps .venv)
 	rm -rf runs wandb $(PHANTOM)
