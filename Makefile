@@ -45,7 +45,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix src tests benchmarks
 	$(BIN)/ruff format src tests benchmarks
 
-benchmark: $(STAMP) $(PHANTOM)/dataset.json ## run every benchmark (about 45 min on 2 cores); each rewrites its .md
+benchmark: $(STAMP) $(PHANTOM)/dataset.json ## run every benchmark (tens of minutes on 2 cores); each rewrites its .md
 	$(BIN)/python benchmarks/heatmap_targets.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/vbra_attention.py
