@@ -1,4 +1,4 @@
-"""LandmarkModule: the LightningModule around a heatmap network — loss, metrics, optimisation, logging.
+"""LandmarkModule: the LightningModule around a landmark network — loss, metrics, optimisation, logging.
 
 It knows nothing of files. It is built from the resolved experiment config (a plain dict, saved in
 every checkpoint) and the landmark names, so a checkpoint alone rebuilds it.
@@ -22,11 +22,11 @@ __all__ = ["LandmarkModule"]
 
 
 class LandmarkModule(L.LightningModule):
-    """Heatmap landmark detector.
+    """Landmark detector: a registry network plus the readout of its output kind (heatmap or anchor).
 
     Args:
         config: resolved experiment config as a plain dict (``h3de.config.to_container``).
-        landmark_names: the manifest's landmark names; one output channel each.
+        landmark_names: the manifest's landmark names, in output order.
     """
 
     def __init__(self, config: dict[str, Any], landmark_names: list[str]) -> None:
