@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from h3de.networks import attention
 from h3de.networks.attention import DepthwiseConv3d, VolumetricBRA, bi_level_routing_attention, route_regions
 
 
@@ -98,6 +99,31 @@ def test_any_input_size_pads_all_axes_and_masks_the_padding(regions, topk, size,
     out = module(x)
     assert out.shape == x.shape
     torch.testing.assert_close(out, module_reference(module, x, num_regions, padded))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("routing", ["shared", "distinct"])
+def test_top1_shared_key_and_gathered_paths_equal_the_reference(routing, padded, monkeypatch):
+    torch.manual_seed(6)
+    q, k, v = torch.randn(3, 2, 4, 4, 2, 8, dtype=torch.float64, requires_grad=True)
+    region = region_of_tokens((4, 4, 2), (2, 2, 1)).view(4, 4, 2)
+    if routing == "shared":  # every region's queries match region 3's keys best
+        q_in, k_in = q + 5, k + 5 * (region == 3)[..., None]
+    else:  # the queries of region r match the keys of region r best
+        one_hot = 5 * F.one_hot(region, 8).to(q.dtype)
+        q_in, k_in = q + one_hot, k + one_hot
+    valid = torch.rand(2, 4, 4, 2) > 0.3 if padded else torch.ones(2, 4, 4, 2, dtype=torch.bool)
+    calls = []
+    shared_keys = attention._attend_shared_keys
+    monkeypatch.setattr(attention, "_attend_shared_keys", lambda *a: calls.append(a) or shared_keys(*a))
+    out = bi_level_routing_attention(q_in, k_in, v, (2, 2, 1), 1, 2, valid if padded else None)
+    assert bool(calls) == (routing == "shared")  # both regions of a batch routed to one: shared-key path
+    expected = naive_routing_attention(q_in, k_in, v, (2, 2, 1), 1, 2, valid)
+    torch.testing.assert_close(out[valid], expected[valid])
+    grad = torch.randn_like(out) * valid[..., None]
+    grads, expected_grads = (torch.autograd.grad(y, (q, k, v), grad) for y in (out, expected))
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_padded_content_does_not_change_real_tokens():

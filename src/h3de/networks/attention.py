@@ -6,8 +6,10 @@ The token grid is split into regions; every query region keeps the ``topk`` regi
 most similar to its mean query (STEP 1, route; not differentiated), the tokens of those regions are
 gathered (STEP 2) and the region's tokens attend over them only (STEP 3). Unlike the reference
 implementation, the routed keys and values are gathered once per token (no (B, R, R, T, C) gradient in
-the backward pass) and attention runs through ``F.scaled_dot_product_attention`` (a fused kernel that
-keeps no (B R, heads, T, topk T) attention matrix).
+the backward pass), attention runs through ``F.scaled_dot_product_attention`` (a fused kernel that
+keeps no (B R, heads, T, topk T) attention matrix), and two exact shortcuts apply: dense attention when
+every region is routed to, and for top-1 routing that sends several query regions to the same key
+region, one long query sequence per key region instead of a copy of its keys per query region.
 
 Tensors are channels-last inside the block: (B, D, H, W, C).
 """
@@ -95,7 +97,9 @@ def bi_level_routing_attention(
     """Bi-level routing attention on a 3D token grid: every token attends, per head, over the tokens of
     the ``topk`` regions routed to its region (``route_regions``), with softmax scale head_dim^-0.5.
 
-    With ``topk`` = R every token sees every token: this is dense attention and is computed as such.
+    With ``topk`` = R every token sees every token: this is dense attention and is computed as such. With
+    ``topk`` = 1 and on average two or more query regions per routed key region, the query regions that
+    share a key region attend over it as one query sequence (the same result, faster).
 
     Args:
         q: queries (B, D, H, W, C); each side divisible by ``num_regions``.
@@ -140,35 +144,95 @@ def bi_level_routing_attention(
 
     # STEP 1: route between regions (no gradient)
     routes = route_regions(q, k, num_regions, topk, valid)  # (B, R, topk)
+    key_regions = (routes + R * torch.arange(B, device=q.device).view(B, 1, 1)).view(B * R, topk)  # (B R, topk)
 
-    # STEP 2: gather the tokens of the routed regions, straight from the grid (one copy of k and v)
-    region_tokens = _region_token_index((D, H, W), num_regions, q.device)  # (R, T)
-    offset = N * torch.arange(B, device=q.device).view(B, 1, 1, 1)
-    key_index = (region_tokens[routes] + offset).reshape(-1)  # (B R topk T)
-    k_sel, v_sel = (
-        t.reshape(B * N, C)
-        .index_select(0, key_index)  # (B R topk T, C)
-        .view(B * R, topk * T, num_heads, head_dim)
-        .transpose(1, 2)  # (B R, heads, topk T, e)
-        for t in (k, v)
-    )
+    # STEP 2 and 3 (in the helpers): gather the tokens of the routed regions, attend over them
+    tokens = _region_token_index((D, H, W), num_regions, q.device)  # (R, T)
+    tokens = (tokens + N * torch.arange(B, device=q.device).view(B, 1, 1)).view(B * R, T)  # (B R, T)
+    flat = [t.reshape(B * N, C) for t in (q, k, v)]  # 3 x (B N, C)
+    valid_flat = None if valid is None else valid.reshape(B * N)  # (B N)
+    if topk == 1 and 2 * torch.unique(key_regions).numel() <= B * R:  # on average >= 2 regions per key region
+        out = _attend_shared_keys(*flat, tokens, key_regions[:, 0], num_heads, valid_flat)  # (B R, T, C)
+    else:
+        out = _attend_gathered(*flat, tokens, key_regions, num_heads, valid_flat)  # (B R, T, C)
     d, h, w = D // Rd, H // Rh, W // Rw
-    q_sel = (
-        q.reshape(B, Rd, d, Rh, h, Rw, w, C)
-        .permute(0, 1, 3, 5, 2, 4, 6, 7)  # (B, Rd, Rh, Rw, d, h, w, C)
-        .reshape(B * R, T, num_heads, head_dim)
-        .transpose(1, 2)  # (B R, heads, T, e)
-    )
-    mask = None if valid is None else valid.reshape(B * N)[key_index].view(B * R, 1, 1, topk * T)
-
-    # STEP 3: attend between tokens (fused kernel: no (B R, heads, T, topk T) matrix is kept)
-    out = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, attn_mask=mask)  # (B R, heads, T, e)
     return (
-        out.transpose(1, 2)  # (B R, T, heads, e)
-        .reshape(B, Rd, Rh, Rw, d, h, w, C)
+        out.view(B, Rd, Rh, Rw, d, h, w, C)
         .permute(0, 1, 4, 2, 5, 3, 6, 7)  # (B, Rd, d, Rh, h, Rw, w, C)
         .reshape(B, D, H, W, C)
     )
+
+
+def _attend_gathered(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tokens: torch.Tensor,
+    key_regions: torch.Tensor,
+    num_heads: int,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """Every query region attends over the tokens of its routed regions, gathered per query region
+    straight from the grid (one copy of k and v per routed region), as one batch of B R sequences.
+
+    Args:
+        q, k, v: flattened token grids (B N, C).
+        tokens: (B R, T) index into B N of the tokens of every region.
+        key_regions: (B R, topk) routed regions, indices into B R.
+        num_heads: attention heads.
+        valid: optional (B N) bool, False for tokens that are never keys.
+
+    Returns:
+        (B R, T, C), regions in order.
+    """
+    (BR, T), C, topk = tokens.shape, q.shape[1], key_regions.shape[1]
+    e = C // num_heads
+    # STEP 2: gather the queries of every region and the keys / values of its routed regions
+    q_sel = q.index_select(0, tokens.view(-1)).view(BR, T, num_heads, e).transpose(1, 2)  # (B R, heads, T, e)
+    key_index = tokens[key_regions].view(-1)  # (B R topk T)
+    k_sel, v_sel = (
+        t.index_select(0, key_index).view(BR, topk * T, num_heads, e).transpose(1, 2) for t in (k, v)
+    )  # (B R, heads, topk T, e)
+    mask = None if valid is None else valid[key_index].view(BR, 1, 1, topk * T)
+    # STEP 3: attend (fused kernel: no (B R, heads, T, topk T) matrix is kept)
+    out = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, attn_mask=mask)  # (B R, heads, T, e)
+    return out.transpose(1, 2).reshape(BR, T, C)
+
+
+def _attend_shared_keys(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tokens: torch.Tensor,
+    key_region: torch.Tensor,
+    num_heads: int,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """Top-1 routing: the query regions routed to one key region attend over it as one long query
+    sequence, so k and v are not copied per query region and the fused kernel runs on longer (faster)
+    sequences. Same arguments as ``_attend_gathered``, with ``key_region`` (B R,); returns (B R, T, C)."""
+    (BR, T), C = tokens.shape, q.shape[1]
+    e = C // num_heads
+    # STEP 2: gather the queries grouped by key region, and the keys / values of every key region once
+    order = torch.argsort(key_region, stable=True)  # (B R) query regions grouped by key region
+    keys, counts = torch.unique_consecutive(key_region[order], return_counts=True)  # (G,), (G,)
+    q_sorted = q.index_select(0, tokens[order].view(-1))  # (B R T, C)
+    key_index = tokens[keys].view(-1)  # (G T)
+    k_used, v_used = (t.index_select(0, key_index).view(-1, T, num_heads, e).unbind(0) for t in (k, v))
+    masks = [None] * len(keys) if valid is None else valid[key_index].view(-1, 1, 1, 1, T).unbind(0)
+    # STEP 3: attend, one query sequence per key region
+    outs = []
+    for q_group, k_group, v_group, mask in zip(
+        q_sorted.split((counts * T).tolist()), k_used, v_used, masks, strict=True
+    ):
+        out = F.scaled_dot_product_attention(
+            q_group.view(1, -1, num_heads, e).transpose(1, 2),  # (1, heads, n T, e)
+            k_group.unsqueeze(0).transpose(1, 2),  # (1, heads, T, e)
+            v_group.unsqueeze(0).transpose(1, 2),  # (1, heads, T, e)
+            attn_mask=mask,  # (1, 1, 1, T)
+        )  # (1, heads, n T, e)
+        outs.append(out.transpose(1, 2).reshape(-1, C))  # (n T, C)
+    return torch.cat(outs).view(BR, T, C).index_select(0, torch.argsort(order))  # (B R, T, C)
 
 
 class _DepthwiseConv3dFunction(torch.autograd.Function):
