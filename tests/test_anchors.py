@@ -12,6 +12,7 @@ from h3de.anchors import (
     anchor_channels,
     decode_anchors,
     encode_anchor_targets,
+    init_anchor_head_,
     split_anchor_output,
     vote_candidates,
 )
@@ -185,6 +186,41 @@ def test_hard_negative_mining_of_missing_landmarks():
     # fewer mined anchors: only the hardest ones count
     top3 = AnchorLoss(stride=stride, hard_negatives=3)(output, points, None).cls.item()
     assert top3 == pytest.approx(F.softplus(hard[2:]).mean().item(), rel=1e-5)
+
+
+def test_present_landmarks_use_unbalanced_bce_normalised_by_the_positives():
+    stride, grid = 2, (3, 4, 3)
+    points = torch.tensor([[[2.2, 3.9, 0.4], [1.0, 5.5, 4.1]], [[0.3, 0.2, 5.1], [3.3, 1.4, 2.0]]])
+    output = torch.randn(2, anchor_channels(2, 4), *grid, generator=torch.Generator().manual_seed(5))
+    positive = encode_anchor_targets(points, None, grid, stride).positive
+    logits, _ = split_anchor_output(output, 2, 4)
+    expected = F.binary_cross_entropy_with_logits(logits, positive.float(), reduction="sum") / positive.sum()
+    assert AnchorLoss(stride=stride)(output, points, None).cls.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # unbalanced: one false peak costs as much as one equally wrong positive, however rare positives are
+    ideal = ideal_output(encode_anchor_targets(points, None, grid, stride), magnitude=5.0)
+    ideal_logits, _ = split_anchor_output(ideal, 2, 4)
+    base = AnchorLoss(stride=stride)(ideal, points, None).cls
+    false_peak, missed = ideal.clone(), ideal.clone()
+    negative_at = (~positive).nonzero()[0].tolist()
+    positive_at = positive.nonzero()[0].tolist()
+    split_anchor_output(false_peak, 2, 4)[0][tuple(negative_at)] = 5.0
+    split_anchor_output(missed, 2, 4)[0][tuple(positive_at)] = -5.0
+    cost_false = AnchorLoss(stride=stride)(false_peak, points, None).cls - base
+    cost_missed = AnchorLoss(stride=stride)(missed, points, None).cls - base
+    assert cost_false.item() == pytest.approx(cost_missed.item(), rel=1e-5) and cost_false.item() > 0.01
+
+
+def test_anchor_head_init_starts_every_anchor_at_the_prior_and_centre():
+    conv = nn.Conv3d(8, anchor_channels(3, 4), 1)
+    init_anchor_head_(conv, prior=1e-3)
+    logits, raw = split_anchor_output(conv(torch.zeros(1, 8, 2, 2, 2)), 3, 4)
+    assert torch.allclose(torch.sigmoid(logits), torch.full_like(logits, 1e-3), rtol=1e-4)
+    assert (raw == 0).all()
+    with pytest.raises(ValueError, match="prior.*1.5"):
+        init_anchor_head_(conv, prior=1.5)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        init_anchor_head_(nn.Conv3d(8, 6, 1))
 
 
 def test_negatives_of_present_landmarks_are_all_supervised_and_offsets_only_at_positives():

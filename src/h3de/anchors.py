@@ -40,12 +40,14 @@ __all__ = [
     "AnchorLoss",
     "anchor_channels",
     "split_anchor_output",
+    "init_anchor_head_",
     "encode_anchor_targets",
     "vote_candidates",
     "decode_anchors",
 ]
 
 ANCHOR_SIZES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25)
+ANCHOR_PRIOR = 1e-4  # initial anchor probability: ~3 positives among 16k-65k anchors per landmark and patch
 _VALUES_PER_ANCHOR = 4  # logit + 3 offsets
 
 
@@ -109,6 +111,26 @@ def split_anchor_output(
     b, _, *grid = output.shape
     per_anchor = output.reshape(b, num_landmarks, num_anchors, _VALUES_PER_ANCHOR, *grid)  # (B, L, A, 4, ...)
     return per_anchor[:, :, :, 0], per_anchor[:, :, :, 1:]
+
+
+def init_anchor_head_(conv: nn.Conv3d, prior: float = ANCHOR_PRIOR) -> None:
+    """Start every anchor at probability ``prior`` and every offset at the anchor centre, in place.
+
+    With the unbalanced BCE of :class:`AnchorLoss`, logits starting at 0 (probability 0.5) would spend
+    the first steps pushing ~10^4 negatives per landmark down; starting them at a small prior lets the
+    positives drive learning from the first step.
+
+    Args:
+        conv: the head's last layer, whose output channels follow the layout of the module docstring.
+        prior: initial probability in (0, 1).
+    """
+    if not 0.0 < prior < 1.0:
+        raise ValueError(f"prior must be in (0, 1), got {prior!r}")
+    if conv.bias is None or conv.out_channels % _VALUES_PER_ANCHOR:
+        raise ValueError(f"the anchor head needs a bias and a multiple of 4 output channels, got {conv}")
+    with torch.no_grad():
+        conv.bias.zero_()
+        conv.bias[0::_VALUES_PER_ANCHOR] = math.log(prior / (1.0 - prior))
 
 
 @dataclass(frozen=True)
@@ -203,15 +225,15 @@ def _mean(values: torch.Tensor) -> torch.Tensor:
 class AnchorLoss(nn.Module):
     """Classification (BCE with logits) plus smooth-L1 offset loss of the anchor head, computed in fp32.
 
-    ``cls`` is the sum of three separately averaged terms, so the few positives are not drowned by the
-    ~10^5 negatives:
+    ``cls`` has two terms:
 
-    - positives: BCE toward 1, averaged over every positive anchor of the batch;
-    - negatives of PRESENT landmarks: BCE toward 0, averaged over all of them (dense). The positives
-      already pin the landmark down, and supervising every location keeps false peaks low everywhere
-      at no selection cost;
-    - negatives of MISSING landmarks: online hard-negative mining. A missing landmark has no positive,
-      so a dense mean would give a vanishing signal to the few cells that fire; only its
+    - present landmarks: BCE toward 1 at every positive anchor and toward 0 at every other anchor,
+      summed and divided by the number of positives (as RetinaNet normalises). The BCE is NOT
+      re-balanced: weighting the few positives up to match the ~10^4 negatives per landmark makes
+      every ambiguous location score high, and the decoder's arg-max then lands on false peaks (on the
+      phantom such a balanced loss could not even overfit one batch in 200 steps; this one does in 60).
+      Its first steps rely on the head's prior-probability bias (:func:`init_anchor_head_`) instead.
+    - missing landmarks: online hard-negative mining. A missing landmark has no positive, so only its
       ``hard_negatives`` highest logits (the false detections the decoder would report) get BCE toward
       0, averaged over all mined anchors, times ``missing_weight``.
 
@@ -273,12 +295,11 @@ class AnchorLoss(nn.Module):
             of_present = targets.present[..., None, None, None, None].expand_as(positive)
 
             # STEP 1: classification; BCE toward 1 is softplus(-x), toward 0 is softplus(x)
-            positive_term = _mean(F.softplus(-logits[positive]))
-            negative_term = _mean(F.softplus(logits[of_present & ~positive]))
+            present_bce = F.softplus(-logits[positive]).sum() + F.softplus(logits[of_present & ~positive]).sum()
             missing_logits = logits[~targets.present].flatten(1)  # (M, A*d*h*w)
             k = min(self.hard_negatives, missing_logits.shape[-1])
             hardest = missing_logits.topk(k, dim=-1).values  # (M, k)
-            cls = positive_term + negative_term + self.missing_weight * _mean(F.softplus(hardest))
+            cls = present_bce / max(int(positive.sum()), 1) + self.missing_weight * _mean(F.softplus(hardest))
 
             # STEP 2: offsets of the positives only
             predicted = torch.tanh(raw.movedim(3, -1)[positive])  # (N, 3)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from h3de.anchors import ANCHOR_PRIOR, split_anchor_output
 from h3de.config import load_config
 from h3de.errors import ConfigError
 from h3de.networks import build_network, check_network_input
@@ -25,6 +26,12 @@ def test_heatmap_head_keeps_the_input_size(size):
 def test_anchor_head_outputs_stride_4_cells(size, cells):
     out = net("h3de_net_anchor", anchor_sizes=[0.5, 1.0])(torch.randn(1, 1, *size))
     assert out.shape == (1, 2 * 3 * 4, *cells) and torch.isfinite(out).all()
+
+
+def test_anchor_head_starts_near_the_anchor_prior():
+    out = net("h3de_net_anchor", anchor_sizes=[0.5, 1.0])(torch.randn(1, 1, 64, 32, 32))
+    logits, _ = split_anchor_output(out, 3, 2)
+    assert torch.sigmoid(logits).median().item() == pytest.approx(ANCHOR_PRIOR, rel=0.5)
 
 
 @pytest.mark.parametrize("name", ["h3de_net", "h3de_net_anchor"])

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from h3de.anchors import anchor_channels, init_anchor_head_
 from h3de.networks.blocks import ChannelLayerNorm, ConvNormAct, DecoderBlock, FeatureFusion, HybridBlock
 from h3de.networks.registry import register_network
 
@@ -146,8 +147,9 @@ class H3DENet(nn.Module):
         else:
             self.head = nn.Sequential(
                 ConvNormAct(fused, fused, 3, norm=norm, act="leaky_relu"),
-                nn.Conv3d(fused, num_anchors * num_landmarks * 4, 1),
+                nn.Conv3d(fused, anchor_channels(num_landmarks, num_anchors), 1),
             )
+            init_anchor_head_(self.head[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, D, H, W) -> heatmaps (B, L, D, H, W) or anchor maps (B, A*L*4, ceil(D/4), ...)."""
