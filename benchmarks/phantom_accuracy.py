@@ -32,6 +32,7 @@ DEFAULT = [
     "experiments/phantom_h3de_no_attention.yaml",
     "experiments/phantom_h3de_no_sr.yaml",
     "experiments/phantom_h3de_no_ffm.yaml",
+    "experiments/phantom_h3de_full_res.yaml",
     "experiments/phantom_h3de_anchor.yaml",
 ]
 
