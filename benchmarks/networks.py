@@ -7,6 +7,8 @@ At a 1x1x128x128x64 input with 14 landmarks (the H3DE-Net paper's patch), this m
 - the same networks with every V-BRA computed by the reference gather-then-explicit-softmax
   formulation (``reference_vbra`` of benchmarks/vbra_attention.py, same weights), measured in the same
   process: the side-by-side reference run;
+- the lean option of the anchor-free network: ``full_res_levels`` 1 and 0 run one or none of the two
+  full-resolution decoder levels and upsample the heatmaps trilinearly instead;
 - the comparison networks (U-Net and SwinUNETR at their config defaults).
 
 The H3DE-Net reference code itself measured (as given in the issue tracker, same CPU kind):
@@ -59,6 +61,13 @@ def main() -> None:
         ref = profile_network(name, params_of(name), INPUT, LANDMARKS, repeats=REPEATS, wrap=with_reference_attention)
         ref.model = f"{name} (reference attention)"
         reference.append(ref)
+    lean = []
+    for levels in (1, 0):
+        result = profile_network(
+            "h3de_net", {**params_of("h3de_net"), "full_res_levels": levels}, INPUT, LANDMARKS, repeats=REPEATS
+        )
+        result.model = f"h3de_net (full_res_levels={levels})"
+        lean.append(result)
     baselines = [profile_network(n, params_of(n), INPUT, LANDMARKS, repeats=REPEATS) for n in ("unet", "swin_unetr")]
 
     comparison = [
@@ -86,12 +95,18 @@ def main() -> None:
         f"{REPEATS} runs after a warm-up. Peak memory: tensor memory live at once during one forward+backward "
         "(`torch.profiler` memory events), above the model and input.",
         "",
-        format_table([*ours, *reference, *baselines]),
+        format_table([*ours, *reference, *lean, *baselines]),
         *code_rows,
         "",
         "`torch.utils.flop_counter` has no formula for the fused CPU attention kernel "
         "(`_scaled_dot_product_flash_attention_for_cpu`), so the h3de rows omit the attention's own FLOPs "
         "(about 5 GFLOPs: the difference to the reference-attention rows, whose explicit matmuls are counted).",
+        "",
+        "The `full_res_levels` rows are the lean option of the anchor-free network: the faithful decoder "
+        "(`full_res_levels=2`, the h3de_net row) ends with two levels at strides 2 and 1, each fed by a skip "
+        "computed from the input; with 1 or 0 of them, the heatmaps are upsampled trilinearly from stride 2 "
+        "or 4. Their accuracy beside the faithful decoder: `phantom_h3de` (1 level) against "
+        "`phantom_h3de_full_res` (2) in [phantom_accuracy.md](phantom_accuracy.md).",
         "",
         "## Goals: forward+backward time <= 1.0x and peak memory <= 0.8x of the reference",
         "",
