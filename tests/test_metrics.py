@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from h3de.metrics import LandmarkErrors, radial_errors, summarize_errors
+from h3de.metrics import LandmarkErrors, presence_summary, radial_errors, summarize_errors
 
 NAN = float("nan")
 
@@ -43,3 +43,13 @@ def test_nothing_present_gives_nan():
     errors = torch.full((2, 3), NAN)
     summary = summarize_errors(errors, (2.0,))
     assert math.isnan(summary["mre_mm"]) and math.isnan(summary["sdr_2mm"]) and summary["count"] == 0
+
+
+def test_presence_summary_ranks_and_counts_absent_landmarks():
+    score = torch.tensor([[0.9, 0.2], [0.6, 0.1]])
+    present = torch.tensor([[True, False], [True, True]])
+    summary = presence_summary(score, present, threshold=0.5)
+    # present scores 0.9, 0.6, 0.1 against the absent 0.2: two of three pairs ranked right
+    assert summary["presence_auroc"] == pytest.approx(2 / 3)
+    assert summary["absent"] == 1 and summary["absent_detected"] == 1 and summary["present_called_absent"] == 1
+    assert presence_summary(score, torch.ones_like(present), None) == {"absent": 0, "presence_auroc": None}

@@ -75,6 +75,15 @@ def test_train_writes_config_metrics_checkpoints_and_evaluates(blob_dataset, tmp
     }
     assert (tmp_path / "eval" / "predictions" / "case_5.mrk.json").is_file()
 
+    # a threshold above every score calls every landmark absent: written as missing, errors unchanged
+    called = evaluate(result.best_checkpoint, "test", tmp_path / "eval_absent", presence_threshold=1.0)
+    assert torch.equal(called.errors, out.errors) and called.summary["present_called_absent"] == 4
+    with open(tmp_path / "eval_absent" / "predictions.csv") as f:
+        assert [r["called_present"] for r in csv.DictReader(f)] == ["0"] * 4
+    markup = json.loads((tmp_path / "eval_absent" / "predictions" / "case_5.mrk.json").read_text())
+    assert {p["positionStatus"] for p in markup["markups"][0]["controlPoints"]} == {"missing"}
+    assert main(["evaluate", str(result.best_checkpoint), "--presence-threshold", "1.5"]) == 2
+
 
 def test_wandb_offline_run_is_written_locally(blob_dataset, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)

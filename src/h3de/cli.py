@@ -1,7 +1,7 @@
 """The ``h3de`` command: parses arguments and calls one function per stage.
 
 h3de train [EXPERIMENT.yaml] [key=value ...]
-h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR]
+h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--presence-threshold P]
 h3de profile MODEL [MODEL ...] [--input D,H,W] [key=value ...]
 h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0]
 """
@@ -31,6 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="output folder (default: <run>/eval_<split>)")
     evaluate.add_argument("--data-root", default=None, help="dataset folder overriding the checkpoint's")
     evaluate.add_argument("--batch-size", type=int, default=None)
+    evaluate.add_argument(
+        "--presence-threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="call a landmark absent when its presence score is below P (written as missing in the .mrk.json)",
+    )
 
     profile = commands.add_parser("profile", help="parameters, FLOPs, time and peak memory of networks")
     profile.add_argument("args", nargs="+", metavar="ARG", help="one or more model names, then key=value overrides")
@@ -79,10 +86,20 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from h3de.evaluate import evaluate
 
-    result = evaluate(args.checkpoint, args.split, args.out, args.data_root, args.batch_size)
+    result = evaluate(args.checkpoint, args.split, args.out, args.data_root, args.batch_size, args.presence_threshold)
     s = result.summary
     sdr = ", ".join(f"{k} {v:.1f}%" for k, v in s.items() if k.startswith("sdr_") and v is not None)
     print(f"{args.split}: {s['num_cases']} cases, MRE {s['mre_mm']:.2f} +- {s['mre_sd_mm']:.2f} mm, {sdr}")
+    presence = []
+    if s["presence_auroc"] is not None:
+        presence.append(f"AUROC {s['presence_auroc']:.3f} over {s['absent']} absent landmarks")
+    if args.presence_threshold is not None:
+        presence.append(
+            f"below {args.presence_threshold}: {s['absent_detected']} of {s['absent']} absent landmarks called "
+            f"absent, and {s['present_called_absent']} present ones"
+        )
+    if presence:
+        print("presence: " + "; ".join(presence))
     print(f"written to {result.out_dir}")
 
 

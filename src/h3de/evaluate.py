@@ -1,11 +1,16 @@
 """``evaluate(checkpoint, split)``: predict a split with a trained model and report errors in world mm.
 
 Writes into ``out_dir`` (each file atomically):
-- ``predictions.csv``: one row per case and landmark: ground truth, prediction (RAS mm) and error.
+- ``predictions.csv``: one row per case and landmark: ground truth, prediction (RAS mm), presence score,
+  whether it is called present, and error.
 - ``per_landmark.csv``: MRE, SD and SDR per landmark.
 - ``per_case.csv``: MRE per case.
-- ``summary.json``: overall MRE, SD, SDR, counts, checkpoint and split.
-- ``predictions/<case>.mrk.json``: predicted landmarks that open in 3D Slicer.
+- ``summary.json``: overall MRE, SD, SDR, counts, presence metrics, checkpoint and split.
+- ``predictions/<case>.mrk.json``: predicted landmarks that open in 3D Slicer; landmarks called absent
+  (presence score below ``presence_threshold``) are written as "missing".
+
+Errors are always those of the decoded positions of every landmark present in the ground truth: a
+threshold changes what is called absent, never which errors count.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from h3de.data.datamodule import LandmarkDataModule
 from h3de.data.landmark_io import write_landmarks
 from h3de.errors import DataError, H3deError
 from h3de.io_utils import atomic_write
-from h3de.metrics import radial_errors, summarize_errors
+from h3de.metrics import presence_summary, radial_errors, summarize_errors
 from h3de.module import LandmarkModule
 
 __all__ = ["EvaluationResult", "evaluate", "load_checkpoint"]
@@ -61,6 +66,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     data_root: str | Path | None = None,
     batch_size: int | None = None,
+    presence_threshold: float | None = None,
 ) -> EvaluationResult:
     """Evaluate ``checkpoint`` on ``split`` of its dataset (or of the manifest under ``data_root``).
 
@@ -70,9 +76,13 @@ def evaluate(
         out_dir: output folder; default ``<run dir>/eval_<split>`` beside the checkpoint folder.
         data_root: dataset folder overriding the one in the checkpoint's config.
         batch_size: evaluation batch size (default: the config's).
+        presence_threshold: presence score in [0, 1] below which a landmark is called absent; None
+            calls every landmark present.
     """
     if split not in ("train", "val", "test"):
         raise H3deError(f"unknown split '{split}' (expected train, val or test)")
+    if presence_threshold is not None and not 0.0 <= presence_threshold <= 1.0:
+        raise H3deError(f"presence threshold must be in [0, 1], got {presence_threshold}")
     checkpoint = Path(checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = load_checkpoint(checkpoint, map_location=device).to(device)
@@ -110,8 +120,11 @@ def evaluate(
         "num_cases": len(case_ids),
         **summarize_errors(errors, radii),
         "per_landmark_mre_mm": {n: _finite_or_none(torch.nanmean(errors[:, i]).item()) for i, n in enumerate(names)},
+        **presence_summary(presence, present, presence_threshold),
     }
-    _write_outputs(out_dir, names, case_ids, predicted, presence, truth, present, errors, radii, summary)
+    called_present = presence >= presence_threshold if presence_threshold is not None else torch.ones_like(present)
+    outputs = (names, case_ids, predicted, presence, called_present, truth, present, errors, radii, summary)
+    _write_outputs(out_dir, *outputs)
     return EvaluationResult(out_dir, summary, errors, case_ids)
 
 
@@ -127,16 +140,19 @@ def _csv_text(header: list[str], rows: list[list]) -> str:
     return buffer.getvalue()
 
 
-def _write_outputs(out_dir, names, case_ids, predicted, presence, truth, present, errors, radii, summary) -> None:
+def _write_outputs(
+    out_dir, names, case_ids, predicted, presence, called_present, truth, present, errors, radii, summary
+) -> None:
     rows = []
     for c, case in enumerate(case_ids):
         for i, name in enumerate(names):
             gt = truth[c, i].tolist() if present[c, i] else ["", "", ""]
             err = f"{errors[c, i].item():.4f}" if present[c, i] else ""
             score = f"{presence[c, i].item():.4f}"
-            rows.append([case, name, int(present[c, i]), *gt, *predicted[c, i].tolist(), score, err])
+            called = int(called_present[c, i])
+            rows.append([case, name, int(present[c, i]), *gt, *predicted[c, i].tolist(), score, called, err])
     header = ["case_id", "landmark", "present", "gt_x", "gt_y", "gt_z", "pred_x", "pred_y", "pred_z"]
-    header += ["presence_score", "error_mm"]
+    header += ["presence_score", "called_present", "error_mm"]
     atomic_write(out_dir / "predictions.csv", _csv_text(header, rows))
 
     stat_keys = ["count", "mre_mm", "mre_sd_mm"] + [k for k in summarize_errors(errors[:, :1], radii) if "sdr" in k]
@@ -149,6 +165,7 @@ def _write_outputs(out_dir, names, case_ids, predicted, presence, truth, present
     atomic_write(out_dir / "per_case.csv", _csv_text(["case_id", *stat_keys], case_rows))
 
     for c, case in enumerate(case_ids):
-        write_landmarks(out_dir / "predictions" / f"{case}.mrk.json", names, predicted[c].numpy())
+        positions = torch.where(called_present[c, :, None], predicted[c], torch.nan)
+        write_landmarks(out_dir / "predictions" / f"{case}.mrk.json", names, positions.numpy())
     clean = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in summary.items()}
     atomic_write(out_dir / "summary.json", json.dumps(clean, indent=2) + "\n")

@@ -3,6 +3,8 @@
 - MRE: mean radial (Euclidean) error in mm, with its standard deviation (population, ddof=0).
 - SDR@r: successful detection rate, the percentage of present landmarks with error <= r mm.
 - per-landmark MRE.
+- presence: how well a per-landmark presence score separates present from absent landmarks (AUROC),
+  and, at a threshold, how many landmarks it calls absent rightly and wrongly.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["radial_errors", "summarize_errors", "sdr_key", "LandmarkErrors"]
+__all__ = ["radial_errors", "summarize_errors", "sdr_key", "presence_summary", "LandmarkErrors"]
 
 
 def radial_errors(predicted: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -42,6 +45,27 @@ def summarize_errors(errors: torch.Tensor, radii_mm: Sequence[float]) -> dict[st
     for r in radii_mm:
         summary[sdr_key(r)] = 100.0 * (valid <= r).double().mean().item() if n else nan
     summary["count"] = n
+    return summary
+
+
+def presence_summary(score: torch.Tensor, present: torch.Tensor, threshold: float | None) -> dict:
+    """How a (N, L) presence score in [0, 1] separates present from absent landmarks ((N, L) bool).
+
+    Returns ``presence_auroc`` (present as the positive class; None unless both kinds occur) and the
+    counts ``absent``, plus, with a ``threshold`` (a score below it calls a landmark absent):
+    ``presence_threshold``, ``absent_detected`` (absent and called absent) and ``present_called_absent``.
+    """
+    score, present = score.flatten().double(), present.flatten().bool()
+    both = bool(present.any() and (~present).any())
+    summary: dict = {
+        "absent": int((~present).sum()),
+        "presence_auroc": binary_auroc(score, present.long()).item() if both else None,
+    }
+    if threshold is not None:
+        called_absent = score < threshold
+        summary["presence_threshold"] = threshold
+        summary["absent_detected"] = int((called_absent & ~present).sum())
+        summary["present_called_absent"] = int((called_absent & present).sum())
     return summary
 
 
