@@ -46,6 +46,7 @@ def run(experiment: str, seed: int) -> dict:
     cost = profile_network(cfg.model.name, network_params(cfg.model), list(cfg.data.patch_size), 11, repeats=1)
     result = train(cfg)
     evaluation = evaluate(result.best_checkpoint, "test")
+    presence = evaluate(result.best_checkpoint, "val").summary  # the test split has no absent landmark
     names = list(evaluation.summary["per_landmark_mre_mm"])
     paired = [names.index(n) for pair in PHANTOM_MIRRORED_PAIRS for n in pair]
     s = evaluation.summary
@@ -61,13 +62,15 @@ def run(experiment: str, seed: int) -> dict:
         "sdr2": s["sdr_2mm"],
         "sdr4": s["sdr_4mm"],
         "paired": torch.nanmean(evaluation.errors[:, paired]).item(),
+        "auroc": presence["presence_auroc"],
+        "absent": presence["absent"],
     }
 
 
 def over_seeds(runs: list[dict]) -> dict:
     """One row per experiment: seed means, plus the test MRE of every seed and their SD."""
     row = dict(runs[0])
-    for key in ("val", "test", "sd", "sdr2", "sdr4", "paired"):
+    for key in ("val", "test", "sd", "sdr2", "sdr4", "paired", "auroc"):
         row[key] = statistics.fmean(r[key] for r in runs)
     row["tests"] = [r["test"] for r in runs]
     row["seed_sd"] = statistics.stdev(row["tests"]) if len(runs) > 1 else float("nan")
@@ -88,16 +91,18 @@ def main() -> None:
         f"({platform.machine()}); errors in world mm over the landmarks present, averaged over the seeds. "
         "Test MRE ± SD: the seed mean of the MRE ± the seed mean of the SD over landmarks; seeds: each "
         "seed's test MRE and their SD. GFLOPs: one forward pass of a (1, 1, patch) input. Paired: MRE of the "
-        "three left/right pairs (orbit, ear, tooth), which only global context tells apart.",
+        "three left/right pairs (orbit, ear, tooth), which only global context tells apart. Presence AUROC (val): how "
+        "well each landmark's presence score ranks the present landmarks above the absent ones, on the val "
+        f"split ({rows[0]['absent']} absent teeth; the test split has none); 0.5 is chance.",
         "",
         "| experiment | model | params (M) | GFLOPs | epochs | best val MRE | test MRE ± SD | test MRE per seed "
-        "(SD) | SDR 2 mm | SDR 4 mm | paired MRE |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "(SD) | SDR 2 mm | SDR 4 mm | paired MRE | presence AUROC (val) |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
         *[
             f"| {r['experiment']} | {r['model']} | {r['params_m']:.2f} | {r['gflops']:.1f} | {r['epochs']} "
             f"| {r['val']:.2f} | {r['test']:.2f} ± {r['sd']:.2f} | {', '.join(f'{t:.2f}' for t in r['tests'])} "
             f"({r['seed_sd']:.2f}) | {r['sdr2']:.1f}% | {r['sdr4']:.1f}% "
-            f"| {r['paired']:.2f} |"
+            f"| {r['paired']:.2f} | {r['auroc']:.3f} |"
             for r in rows
         ],
         "",
