@@ -50,6 +50,7 @@ benchmark: $(STAMP) $(PHANTOM)/dataset.json ## run every benchmark (tens of minu
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/vbra_attention.py
 	$(BIN)/python benchmarks/networks.py
+	$(BIN)/python benchmarks/anchor_loss.py
 	$(BIN)/python benchmarks/phantom_accuracy.py
 
 clean: ## remove runs and generated data (keeps .venv)

@@ -230,9 +230,10 @@ class AnchorLoss(nn.Module):
     - present landmarks: BCE toward 1 at every positive anchor and toward 0 at every other anchor,
       summed and divided by the number of positives (as RetinaNet normalises). The BCE is NOT
       re-balanced: weighting the few positives up to match the ~10^4 negatives per landmark makes
-      every ambiguous location score high, and the decoder's arg-max then lands on false peaks (on the
-      phantom such a balanced loss could not even overfit one batch in 200 steps; this one does in 60).
-      Its first steps rely on the head's prior-probability bias (:func:`init_anchor_head_`) instead.
+      every ambiguous location score high, and the decoder's arg-max then lands on false peaks
+      (benchmarks/anchor_loss.md: fitting one phantom batch, a balanced loss still misses 43% of the
+      landmarks' cells after 120 steps, this one none after 100). Its first steps rely on the head's
+      prior-probability bias (:func:`init_anchor_head_`) instead.
     - missing landmarks: online hard-negative mining. A missing landmark has no positive, so only its
       ``hard_negatives`` highest logits (the false detections the decoder would report) get BCE toward
       0, averaged over all mined anchors, times ``missing_weight``.
