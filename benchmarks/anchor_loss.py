@@ -1,18 +1,20 @@
 """Why the anchor head's BCE is not re-balanced: fitting one phantom batch with three classification losses.
 
 The anchor-based H3DE-Net (tiny preset) is trained on ONE fixed batch of the phantom (4 cases, 64^3 at
-4 mm, no augmentation) for a fixed number of Adam steps with:
+4 mm, no augmentation) for a fixed number of Adam steps, with two classification losses crossed with
+the logit bias at the start (the prior probability of every anchor: 0.5, RetinaNet's 0.01, and h3de's
+``h3de.anchors.ANCHOR_PRIOR`` 1e-4):
 
 - ``balanced``: the positives' BCE and the negatives' BCE averaged separately and added, so that the
-  few positives weigh as much as the ~10^4 negatives per landmark (written here as the reference);
-- ``unbalanced, prior 0.01``: h3de's loss (BCE summed over all anchors and divided by the number of
-  positives) with RetinaNet's prior of 0.01 for the initial logits;
-- ``unbalanced, prior 1e-4``: h3de's loss with h3de's prior (``h3de.anchors.ANCHOR_PRIOR``).
+  few positives weigh as much as the ~10^4 negatives per landmark (h3de's loss before it was changed,
+  written here);
+- ``unbalanced``: h3de's loss, the BCE summed over all anchors and divided by the number of positives.
 
-All three share the seed, the weights at the start (except the logit biases) and the smooth-L1 offset
-loss and missing-landmark mining of :class:`h3de.anchors.AnchorLoss`. Reported: the decoded error
-(input voxels, median and mean over the batch's present landmarks) as the steps go, and the share of
-landmarks whose top-scoring anchor contains them. Rewrites benchmarks/anchor_loss.md.
+All runs share the seed, the weights at the start (except the logit biases) and the smooth-L1 offset
+loss and missing-landmark mining of :class:`h3de.anchors.AnchorLoss`. A single batch and seed: this
+shows how fast each loss can fit, not how well it generalises (phantom_accuracy.md does that).
+Reported: the decoded error (input voxels, median and mean over the batch's present landmarks) as the
+steps go, and the share of landmarks whose top-scoring anchor contains them. Rewrites benchmarks/anchor_loss.md.
 
     .venv/bin/python benchmarks/anchor_loss.py
 """
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from report import write_report
 
-from h3de.anchors import AnchorLoss, AnchorLossParts, encode_anchor_targets, split_anchor_output
+from h3de.anchors import ANCHOR_PRIOR, AnchorLoss, AnchorLossParts, encode_anchor_targets, split_anchor_output
 from h3de.config import load_config, to_container
 from h3de.data.datamodule import LandmarkDataModule
 from h3de.data.phantom import generate_phantom
@@ -50,30 +52,31 @@ def balanced_loss(self: AnchorLoss, output, points_voxel, present) -> AnchorLoss
     return AnchorLossParts(total=cls + self.offset_weight * unbalanced.offset, cls=cls, offset=unbalanced.offset)
 
 
-def fit(batch: dict, cfg, names: list[str], loss: str, prior: float | None) -> list[tuple[int, float, float, float]]:
+def fit(batch: dict, cfg, names: list[str], loss: str, prior: float) -> list[tuple[int, float, float, float]]:
     """Adam steps on one batch; (step, median error, mean error, top-anchor-is-positive share) every EVERY."""
     torch.manual_seed(0)
     module = LandmarkModule(to_container(cfg), names)
-    if prior is not None:
-        with torch.no_grad():
-            module.network.head[-1].bias[0::4] = math.log(prior / (1 - prior))
+    with torch.no_grad():
+        module.network.head[-1].bias[0::4] = math.log(prior / (1 - prior))
     criterion = module.readout.criterion
     if loss == "balanced":
         criterion.forward = balanced_loss.__get__(criterion)
     optimizer = torch.optim.Adam(module.parameters(), LR)
     curve = []
     for step in range(1, STEPS + 1):
-        output = module(batch["image"])
-        value = module.readout.loss(output, batch)
+        value = module.readout.loss(module(batch["image"]), batch)
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
         if step % EVERY == 0:
-            with torch.no_grad():
+            with torch.no_grad():  # the output after `step` updates
+                output = module(batch["image"])
                 voxel, _ = module.readout.decode(output)
                 errors = (voxel - batch["landmarks_voxel"]).norm(dim=-1)[batch["present"]]
                 logits, _ = split_anchor_output(output, len(names), len(criterion.anchor_sizes))
-                targets = encode_anchor_targets(batch["landmarks_voxel"], batch["loss_mask"], logits.shape[-3:], 4)
+                points, grid = batch["landmarks_voxel"], logits.shape[-3:]
+                mask, stride, sizes = batch["loss_mask"], criterion.stride, criterion.anchor_sizes
+                targets = encode_anchor_targets(points, mask, grid, stride, sizes)
                 top = logits.flatten(2).argmax(-1, keepdim=True)
                 hit = targets.positive.flatten(2).gather(-1, top)[..., 0][targets.present].float().mean()
             curve.append((step, errors.median().item(), errors.mean().item(), 100 * hit.item()))
@@ -88,9 +91,11 @@ def main() -> None:
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     runs = {
-        "balanced (reference), prior 0.5": fit(batch, cfg, datamodule.landmark_names, "balanced", 0.5),
-        "unbalanced, prior 0.01": fit(batch, cfg, datamodule.landmark_names, "unbalanced", 0.01),
-        "unbalanced, prior 1e-4 (h3de)": fit(batch, cfg, datamodule.landmark_names, "unbalanced", None),
+        f"{loss}, prior {prior:g}{' (h3de)' if (loss, prior) == ('unbalanced', ANCHOR_PRIOR) else ''}": fit(
+            batch, cfg, datamodule.landmark_names, loss, prior
+        )
+        for loss in ("balanced", "unbalanced")
+        for prior in (0.5, 0.01, ANCHOR_PRIOR)
     }
     steps = [s for s, *_ in next(iter(runs.values()))]
     lines = [
@@ -111,11 +116,9 @@ def main() -> None:
         ],
         "",
         "Balanced: positives and negatives averaged separately, so each positive weighs as much as "
-        "thousands of negatives and every ambiguous location scores high; the decoder's arg-max then lands "
-        "on false peaks. Unbalanced: every anchor weighs the same (sum over anchors / number of positives, as "
-        "RetinaNet normalises); the prior sets the initial probability of every anchor, and the closer it is "
-        "to the true share of positives (about 3 per 16,384 anchors and landmark here), the less of the first "
-        "steps go to pushing the negatives down.",
+        "thousands of negatives. Unbalanced: every anchor weighs the same (sum over anchors / number of "
+        "positives, as RetinaNet normalises). The prior sets the initial probability of every anchor; the "
+        "true share of positives here is about 3-4 per 16,384 anchors and landmark.",
         "",
         "Reproduce: `.venv/bin/python benchmarks/anchor_loss.py`",
         "",

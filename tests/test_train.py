@@ -35,7 +35,7 @@ def test_fast_dev_run(blob_dataset, tmp_path):
     assert torch.isfinite(torch.tensor(result.metrics["train/loss_step"]))
 
 
-def test_train_writes_config_metrics_checkpoints_and_evaluates(blob_dataset, tmp_path):
+def test_train_writes_config_metrics_checkpoints_and_evaluates(blob_dataset, tmp_path, capsys):
     cfg = small_cfg(blob_dataset, tmp_path, "trainer.max_epochs=2", "logger.name=csv", "name=blobs")
     result = train(cfg)
     assert result.run_dir.parent.name == "blobs"
@@ -75,14 +75,22 @@ def test_train_writes_config_metrics_checkpoints_and_evaluates(blob_dataset, tmp
     }
     assert (tmp_path / "eval" / "predictions" / "case_5.mrk.json").is_file()
 
-    # a threshold above every score calls every landmark absent: written as missing, errors unchanged
-    called = evaluate(result.best_checkpoint, "test", tmp_path / "eval_absent", presence_threshold=1.0)
-    assert torch.equal(called.errors, out.errors) and called.summary["present_called_absent"] == 4
+    # a threshold between the scores calls the lower-scored landmarks absent: written as missing, errors unchanged
+    scores = sorted(float(r["presence_score"]) for r in rows)
+    threshold = (scores[1] + scores[2]) / 2
+    assert scores[1] < threshold < scores[2]
+    args = ["evaluate", str(result.best_checkpoint), "--split", "test", "--out", str(tmp_path / "eval_absent")]
+    assert main([*args, "--presence-threshold", str(threshold)]) == 0
+    assert "2 present ones" in capsys.readouterr().out
     with open(tmp_path / "eval_absent" / "predictions.csv") as f:
-        assert [r["called_present"] for r in csv.DictReader(f)] == ["0"] * 4
+        called = {r["landmark"]: (r["called_present"], float(r["presence_score"])) for r in csv.DictReader(f)}
+    assert all((flag == "1") == (score >= threshold) for flag, score in called.values())
     markup = json.loads((tmp_path / "eval_absent" / "predictions" / "case_5.mrk.json").read_text())
-    assert {p["positionStatus"] for p in markup["markups"][0]["controlPoints"]} == {"missing"}
-    assert main(["evaluate", str(result.best_checkpoint), "--presence-threshold", "1.5"]) == 2
+    status = {p["label"]: p["positionStatus"] for p in markup["markups"][0]["controlPoints"]}
+    assert status == {n: "defined" if f == "1" else "missing" for n, (f, _) in called.items()}
+    again = json.loads((tmp_path / "eval_absent" / "summary.json").read_text())
+    assert again["mre_mm"] == pytest.approx(summary["mre_mm"]) and again["present_called_absent"] == 2
+    assert main([*args, "--presence-threshold", "1.5"]) == 2
 
 
 def test_wandb_offline_run_is_written_locally(blob_dataset, tmp_path, monkeypatch):

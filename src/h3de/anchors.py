@@ -114,11 +114,12 @@ def split_anchor_output(
 
 
 def init_anchor_head_(conv: nn.Conv3d, prior: float = ANCHOR_PRIOR) -> None:
-    """Start every anchor at probability ``prior`` and every offset at the anchor centre, in place.
+    """Set the head's biases in place: ``logit(prior)`` on every logit channel, 0 on every offset channel.
 
-    With the unbalanced BCE of :class:`AnchorLoss`, logits starting at 0 (probability 0.5) would spend
-    the first steps pushing ~10^4 negatives per landmark down; starting them at a small prior lets the
-    positives drive learning from the first step.
+    The weights keep their initialisation, so at the start the anchors' probabilities scatter around
+    ``prior`` (the median stays close to it). With the unbalanced BCE of :class:`AnchorLoss`, logits
+    starting near 0 (probability 0.5) would spend the first steps pushing ~10^4 negatives per landmark
+    down; starting them near a small prior lets the positives drive learning from the first step.
 
     Args:
         conv: the head's last layer, whose output channels follow the layout of the module docstring.
@@ -228,11 +229,11 @@ class AnchorLoss(nn.Module):
     ``cls`` has two terms:
 
     - present landmarks: BCE toward 1 at every positive anchor and toward 0 at every other anchor,
-      summed and divided by the number of positives (as RetinaNet normalises). The BCE is NOT
+      summed and divided by the number of positives of the batch (as RetinaNet normalises; under DDP,
+      of each process's batch). The BCE is NOT
       re-balanced: weighting the few positives up to match the ~10^4 negatives per landmark makes
       every ambiguous location score high, and the decoder's arg-max then lands on false peaks
-      (benchmarks/anchor_loss.md: fitting one phantom batch, a balanced loss still misses 43% of the
-      landmarks' cells after 120 steps, this one none after 100). Its first steps rely on the head's
+      (benchmarks/anchor_loss.md fits one phantom batch with both). Its first steps rely on the head's
       prior-probability bias (:func:`init_anchor_head_`) instead.
     - missing landmarks: online hard-negative mining. A missing landmark has no positive, so only its
       ``hard_negatives`` highest logits (the false detections the decoder would report) get BCE toward
@@ -335,7 +336,6 @@ def decode_anchors(
     stride: int,
     anchor_sizes: Sequence[float] = ANCHOR_SIZES,
     top_candidates: int = 15,
-    presence_threshold: float | None = None,
     weighted_vote: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Landmark positions and presence probabilities from the anchor head output.
@@ -350,8 +350,6 @@ def decode_anchors(
         stride: input voxels per cell.
         anchor_sizes: anchor side lengths in cells (A of them).
         top_candidates: candidates per landmark (capped at A*d*h*w).
-        presence_threshold: None returns every position; a probability in [0, 1] sets to NaN the
-            positions of landmarks whose presence is below it.
         weighted_vote: weight the voters by probability; False gives the plain (unweighted) medoid.
 
     Returns:
@@ -361,8 +359,6 @@ def decode_anchors(
     stride = _check_stride(stride)
     sizes = _check_anchor_sizes(anchor_sizes)
     top_candidates = _check_positive_int("top_candidates", top_candidates)
-    if presence_threshold is not None and not 0.0 <= presence_threshold <= 1.0:
-        raise ValueError(f"presence_threshold must be None or in [0, 1], got {presence_threshold!r}")
     logits, raw = split_anchor_output(output.detach().float(), num_landmarks, len(sizes))
     b, l, a, d, h, w = logits.shape
 
@@ -382,6 +378,4 @@ def decode_anchors(
     probabilities = torch.sigmoid(scores)  # (B, L, K)
     positions = vote_candidates(candidates, probabilities if weighted_vote else None)  # (B, L, 3)
     presence = probabilities[..., 0]
-    if presence_threshold is not None:
-        positions = torch.where((presence >= presence_threshold)[..., None], positions, torch.nan)
     return positions, presence

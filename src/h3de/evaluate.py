@@ -2,7 +2,7 @@
 
 Writes into ``out_dir`` (each file atomically):
 - ``predictions.csv``: one row per case and landmark: ground truth, prediction (RAS mm), presence score,
-  whether it is called present, and error.
+  error, and whether it is called present.
 - ``per_landmark.csv``: MRE, SD and SDR per landmark.
 - ``per_case.csv``: MRE per case.
 - ``summary.json``: overall MRE, SD, SDR, counts, presence metrics, checkpoint and split.
@@ -150,9 +150,9 @@ def _write_outputs(
             err = f"{errors[c, i].item():.4f}" if present[c, i] else ""
             score = f"{presence[c, i].item():.4f}"
             called = int(called_present[c, i])
-            rows.append([case, name, int(present[c, i]), *gt, *predicted[c, i].tolist(), score, called, err])
+            rows.append([case, name, int(present[c, i]), *gt, *predicted[c, i].tolist(), score, err, called])
     header = ["case_id", "landmark", "present", "gt_x", "gt_y", "gt_z", "pred_x", "pred_y", "pred_z"]
-    header += ["presence_score", "called_present", "error_mm"]
+    header += ["presence_score", "error_mm", "called_present"]
     atomic_write(out_dir / "predictions.csv", _csv_text(header, rows))
 
     stat_keys = ["count", "mre_mm", "mre_sd_mm"] + [k for k in summarize_errors(errors[:, :1], radii) if "sdr" in k]
