@@ -11,24 +11,31 @@ from h3de.evaluate import evaluate
 from h3de.train import train
 
 
+def small_phantom_config(tmp_path, overrides: list[str]):
+    """Config for the phantom under ``tmp_path/phantom``: 32^3 patches of 8 mm, batch 2, no augmentation."""
+    common = [
+        f"data.root={tmp_path / 'phantom'}",
+        f"output_dir={tmp_path / 'runs'}",
+        "data.spacing_mm=[8,8,8]",
+        "data.patch_size=[32,32,32]",
+        "data.batch_size=2",
+        "data.augment.enabled=false",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+    ]
+    return load_config(None, common + overrides)
+
+
 def test_tiny_phantom_training_learns(tmp_path):
     generate_phantom(tmp_path / "phantom", seed=1, num_cases=12, voxel_mm=6.0)
-    cfg = load_config(
-        None,
+    cfg = small_phantom_config(
+        tmp_path,
         [
-            f"data.root={tmp_path / 'phantom'}",
-            f"output_dir={tmp_path / 'runs'}",
-            "data.spacing_mm=[8,8,8]",
-            "data.patch_size=[32,32,32]",
-            "data.batch_size=2",
-            "data.augment.enabled=false",
             "model.unet.channels=[8,16,32]",
             "model.unet.strides=[2,2]",
             "loss=spatial_ce",
             "optim.lr=0.005",
             "trainer.max_epochs=15",
-            "trainer.enable_progress_bar=false",
-            "logger=csv",
         ],
     )
     result = train(cfg)
@@ -45,15 +52,9 @@ def test_tiny_phantom_training_learns(tmp_path):
 @pytest.mark.parametrize("model, loss", [("h3de_net", "spatial_ce"), ("h3de_net_anchor", "anchor")])
 def test_both_h3de_heads_train_on_the_phantom(tmp_path, model, loss):
     generate_phantom(tmp_path / "phantom", seed=2, num_cases=6, voxel_mm=8.0)
-    cfg = load_config(
-        None,
+    cfg = small_phantom_config(
+        tmp_path,
         [
-            f"data.root={tmp_path / 'phantom'}",
-            f"output_dir={tmp_path / 'runs'}",
-            "data.spacing_mm=[8,8,8]",
-            "data.patch_size=[32,32,32]",
-            "data.batch_size=2",
-            "data.augment.enabled=false",
             f"model={model}",
             f"loss={loss}",
             "model.h3de_net.preset=tiny",
@@ -62,9 +63,7 @@ def test_both_h3de_heads_train_on_the_phantom(tmp_path, model, loss):
             "model.h3de_net.topk=[2,2,1,1]",
             "optim.lr=0.003",
             "trainer.max_epochs=4",
-            "trainer.enable_progress_bar=false",
             "trainer.log_every_n_steps=1",
-            "logger=csv",
         ],
     )
     result = train(cfg)
