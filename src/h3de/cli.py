@@ -2,6 +2,7 @@
 
 h3de train [EXPERIMENT.yaml] [key=value ...]
 h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--presence-threshold P]
+h3de predict CHECKPOINT IMAGE_OR_FOLDER --out DIR [--format mrk.json|fcsv|csv|json] [--qc] [--truth PATH]
 h3de profile MODEL [MODEL ...] [--input D,H,W] [key=value ...]
 h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0]
 """
@@ -38,6 +39,22 @@ def _parser() -> argparse.ArgumentParser:
         metavar="P",
         help="call a landmark absent when its presence score is below P (written as missing in the .mrk.json)",
     )
+
+    predict = commands.add_parser("predict", help="landmarks of new scans (no ground truth needed)")
+    predict.add_argument("checkpoint")
+    predict.add_argument("inputs", metavar="IMAGE_OR_FOLDER", help="a NIfTI/NRRD image or a folder of them")
+    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument("--format", default="mrk.json", choices=("mrk.json", "fcsv", "csv", "json"))
+    predict.add_argument("--qc", action="store_true", help="write <case>_qc.png: slices through each prediction")
+    predict.add_argument("--truth", default=None, help="landmark file (one image) or folder of them, drawn in the QC")
+    predict.add_argument(
+        "--presence-threshold",
+        type=float,
+        default=0.5,
+        metavar="P",
+        help="write a landmark as absent when its presence probability is below P (default 0.5)",
+    )
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     profile = commands.add_parser("profile", help="parameters, FLOPs, time and peak memory of networks")
     profile.add_argument("args", nargs="+", metavar="ARG", help="one or more model names, then key=value overrides")
@@ -103,6 +120,27 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"written to {result.out_dir}")
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from h3de.predict import predict
+
+    result = predict(
+        args.checkpoint,
+        args.inputs,
+        args.out,
+        fmt=args.format,
+        qc=args.qc,
+        truth=args.truth,
+        presence_threshold=args.presence_threshold,
+        progress=not args.no_progress,
+    )
+    total = len(result.case_ids) + len(result.failures)
+    seconds = ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items() if v)
+    print(f"predicted {len(result.case_ids)} of {total} cases into {result.out_dir} (seconds: {seconds})")
+    if result.failures:
+        failed = "; ".join(f"{case}: {message}" for case, message in result.failures.items())
+        raise H3deError(f"{len(result.failures)} of {total} cases failed: {failed}")
+
+
 def _profile(args: argparse.Namespace) -> None:
     from h3de.config import load_config
     from h3de.networks import network_params, network_spec
@@ -138,7 +176,8 @@ def _phantom(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": _train, "evaluate": _evaluate, "profile": _profile, "data": _phantom}[args.command]
+    handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "profile": _profile, "data": _phantom}
+    handler = handler[args.command]
     try:
         handler(args)
     except H3deError as e:

@@ -24,6 +24,8 @@ __all__ = [
     "UNetConfig",
     "ModelConfig",
     "LossConfig",
+    "DetectionConfig",
+    "LocalStageConfig",
     "OptimConfig",
     "TrainerConfig",
     "LoggerConfig",
@@ -136,6 +138,45 @@ class LossConfig:
 
 
 @dataclass
+class DetectionConfig:
+    """How a model finds landmarks in a whole scan; validation, evaluate and predict all use it.
+
+    - ``whole``: one network over the whole volume resampled to ``data.spacing_mm`` (padded to at least
+      ``data.patch_size``); trained on centre crops of that size.
+    - ``sliding_window``: trained on random ``data.patch_size`` patches at ``data.spacing_mm``, a share of them
+      placed around a landmark; predicted with MONAI's sliding-window inferer (Gaussian-weighted overlap). Needs a
+      loss whose outputs compare across windows (weighted_mse or ball_ohnm).
+    - ``coarse_to_fine``: the ``whole`` model as the global stage, then the ``local`` stage refines each landmark
+      on a fine patch centred on its coarse estimate.
+    """
+
+    mode: str = "whole"  # whole | sliding_window | coarse_to_fine
+    overlap: float = 0.5  # sliding_window: overlap of neighbouring windows, in [0, 1)
+    sw_batch_size: int = 2  # sliding_window: windows per network call
+    landmark_patch_prob: float = 0.5  # sliding_window training: share of patches that contain a landmark
+    max_heatmap_gib: float = 1.0  # sliding_window: landmarks are decoded in chunks whose whole-volume maps fit this
+
+
+@dataclass
+class LocalStageConfig:
+    """The local stage of ``detection.mode=coarse_to_fine``: one network shared by all landmarks.
+
+    It sees a fine patch around one landmark's estimate and outputs one heatmap per landmark; the patch's own
+    landmark is read. Training patches are centred on the true landmark plus a uniform random offset of up to
+    ``offset_mm`` per axis (at least the global stage's error, so it learns to correct it), with a random rotation.
+    """
+
+    spacing_mm: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    patch_size: list[int] = field(default_factory=lambda: [32, 32, 32])
+    heatmap_sigma: float = 1.5  # voxels of the fine grid
+    offset_mm: float = 8.0  # +- per axis around the true landmark (training only)
+    rotate_deg: float = 10.0  # +- random rotation of the patch about each axis (training only)
+    loss_weight: float = 1.0  # weight of the local loss beside the global one
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="unet"))
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | adam | sgd
     lr: float = 3e-3
@@ -189,6 +230,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    local: LocalStageConfig = field(default_factory=LocalStageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -199,6 +242,8 @@ _NAMED_SECTIONS = ("model", "loss", "optim", "logger")  # sections chosen by the
 _CHOICES = {
     "data.normalize": ("zscore", "percentile"),
     "loss.name": ("spatial_ce", "weighted_mse", "ball_ohnm", "anchor"),
+    "detection.mode": ("whole", "sliding_window", "coarse_to_fine"),
+    "local.loss.name": ("spatial_ce", "weighted_mse", "ball_ohnm"),
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.scheduler": ("cosine", "exponential", "constant"),
     "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
@@ -299,10 +344,17 @@ def validate(cfg: DictConfig) -> None:
             f"loss.name='{cfg.loss.name}' does not fit model.name='{cfg.model.name}' ({spec.output} output): "
             f"use loss.name={fits}"
         )
-    for key in ("data.spacing_mm", "data.patch_size", "data.augment.rotate_deg"):
+    for key in (
+        "data.spacing_mm",
+        "data.patch_size",
+        "data.augment.rotate_deg",
+        "local.spacing_mm",
+        "local.patch_size",
+    ):
         value = OmegaConf.select(cfg, key)
         if len(value) != 3:
             raise ConfigError(f"{key} must have 3 values (one per axis), got {list(value)}")
+    _validate_detection(cfg)
     if any(s <= 0 for s in cfg.data.spacing_mm):
         raise ConfigError(f"data.spacing_mm must be positive, got {list(cfg.data.spacing_mm)}")
     if any(p < 8 for p in cfg.data.patch_size):
@@ -324,6 +376,43 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.cache_rate must lie in [0, 1], got {cfg.data.cache_rate}")
     if any(r <= 0 for r in cfg.sdr_radii_mm):
         raise ConfigError(f"sdr_radii_mm must be positive, got {list(cfg.sdr_radii_mm)}")
+
+
+def _validate_detection(cfg: DictConfig) -> None:
+    """Inference-mode rules: sliding windows need comparable outputs; the local stage a heatmap network."""
+    from h3de.networks import check_network_input, network_params, network_spec
+
+    mode = cfg.detection.mode
+    if mode == "sliding_window" and cfg.loss.name not in ("weighted_mse", "ball_ohnm"):
+        raise ConfigError(
+            f"detection.mode=sliding_window needs outputs that compare across windows: loss.name=weighted_mse or "
+            f"ball_ohnm, not '{cfg.loss.name}' (a softmax is normalised per window)"
+        )
+    if not 0.0 <= cfg.detection.overlap < 1.0:
+        raise ConfigError(f"detection.overlap must lie in [0, 1), got {cfg.detection.overlap}")
+    if not 0.0 <= cfg.detection.landmark_patch_prob <= 1.0:
+        raise ConfigError(f"detection.landmark_patch_prob must lie in [0, 1], got {cfg.detection.landmark_patch_prob}")
+    for key in ("detection.sw_batch_size", "detection.max_heatmap_gib", "local.heatmap_sigma", "local.loss_weight"):
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+    for key in ("local.offset_mm", "local.rotate_deg"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key} must not be negative, got {OmegaConf.select(cfg, key)}")
+    if mode != "coarse_to_fine":
+        return
+    local = cfg.local
+    if network_spec(local.model.name).output != "heatmap":
+        raise ConfigError(f"local.model.name='{local.model.name}' must be a heatmap network (the local stage)")
+    if any(s <= 0 for s in local.spacing_mm) or any(p < 8 for p in local.patch_size):
+        raise ConfigError(
+            f"local.spacing_mm must be positive and local.patch_size at least 8 voxels per axis, got "
+            f"{list(local.spacing_mm)} and {list(local.patch_size)}"
+        )
+    try:
+        check_network_input(local.model.name, network_params(local.model), local.patch_size)
+    except ConfigError as e:
+        message = str(e).replace("data.patch_size", "local.patch_size").replace("model.", "local.model.", 1)
+        raise ConfigError(f"local stage: {message}") from None
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -15,8 +15,6 @@ threshold changes what is called absent, never which errors count.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from h3de.config import config_from_dict
 from h3de.data.datamodule import LandmarkDataModule
 from h3de.data.landmark_io import write_landmarks
 from h3de.errors import DataError, H3deError
-from h3de.io_utils import atomic_write
+from h3de.io_utils import atomic_write, csv_text
 from h3de.metrics import presence_summary, radial_errors, summarize_errors
 from h3de.module import LandmarkModule
 
@@ -52,6 +50,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
         hparams = ckpt["hyper_parameters"]
         module = LandmarkModule(hparams["config"], hparams["landmark_names"])
+        if module.local_network is not None and not any(k.startswith("local_network.") for k in ckpt["state_dict"]):
+            raise H3deError(f"{path}: its config is coarse-to-fine, but it holds no local stage weights")
         module.load_state_dict(ckpt["state_dict"])
     except H3deError:
         raise
@@ -91,7 +91,7 @@ def evaluate(
         cfg.data.root = str(data_root)
     if batch_size is not None:
         cfg.data.batch_size = batch_size
-    datamodule = LandmarkDataModule(cfg.data, heatmaps=False)  # evaluation reads positions, not targets
+    datamodule = LandmarkDataModule(cfg.data, heatmaps=False, detection=cfg.detection, local=cfg.local)
     if datamodule.landmark_names != module.landmark_names:
         raise DataError(
             f"{datamodule.manifest.path}: landmarks {datamodule.landmark_names} differ from the "
@@ -102,13 +102,12 @@ def evaluate(
     case_ids, predicted, truth, present, presence = [], [], [], [], []
     with torch.inference_mode():
         for batch in datamodule.eval_dataloader(split):
-            output = module(batch["image"].to(device))
-            _, world, score = module.decode(output, batch["affine"].to(device))
-            predicted.append(world.cpu())
-            presence.append(score.cpu())
-            truth.append(batch["landmarks_world"])
-            present.append(batch["present"])
-            case_ids += list(batch["case_id"])
+            for sample, found in zip(batch, module.detect_batch(batch), strict=True):
+                predicted.append(found.world[None])
+                presence.append(found.presence[None])
+                truth.append(sample["landmarks_world"][None])
+                present.append(sample["present"][None])
+                case_ids.append(sample["case_id"])
     predicted, truth, present, presence = (torch.cat(x) for x in (predicted, truth, present, presence))
     errors = radial_errors(predicted, truth, present)
 
@@ -132,14 +131,6 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _csv_text(header: list[str], rows: list[list]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def _write_outputs(
     out_dir, names, case_ids, predicted, presence, called_present, truth, present, errors, radii, summary
 ) -> None:
@@ -153,16 +144,16 @@ def _write_outputs(
             rows.append([case, name, int(present[c, i]), *gt, *predicted[c, i].tolist(), score, err, called])
     header = ["case_id", "landmark", "present", "gt_x", "gt_y", "gt_z", "pred_x", "pred_y", "pred_z"]
     header += ["presence_score", "error_mm", "called_present"]
-    atomic_write(out_dir / "predictions.csv", _csv_text(header, rows))
+    atomic_write(out_dir / "predictions.csv", csv_text(header, rows))
 
     stat_keys = ["count", "mre_mm", "mre_sd_mm"] + [k for k in summarize_errors(errors[:, :1], radii) if "sdr" in k]
     landmark_rows = [
         [name, *[summarize_errors(errors[:, i], radii)[k] for k in stat_keys]] for i, name in enumerate(names)
     ]
-    atomic_write(out_dir / "per_landmark.csv", _csv_text(["landmark", *stat_keys], landmark_rows))
+    atomic_write(out_dir / "per_landmark.csv", csv_text(["landmark", *stat_keys], landmark_rows))
 
     case_rows = [[case, *[summarize_errors(errors[c], radii)[k] for k in stat_keys]] for c, case in enumerate(case_ids)]
-    atomic_write(out_dir / "per_case.csv", _csv_text(["case_id", *stat_keys], case_rows))
+    atomic_write(out_dir / "per_case.csv", csv_text(["case_id", *stat_keys], case_rows))
 
     for c, case in enumerate(case_ids):
         positions = torch.where(called_present[c, :, None], predicted[c], torch.nan)

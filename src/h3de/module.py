@@ -1,6 +1,8 @@
 """LandmarkModule: the LightningModule around a landmark network — loss, metrics, optimisation, logging.
 
-It knows nothing of files. It is built from the resolved experiment config (a plain dict, saved in
+Training steps see packed crops (and, coarse-to-fine, the local stage's patches); validation and test steps
+see whole prepared scans and score :func:`h3de.inference.detect`, the path that ``evaluate`` and ``predict``
+take too. It knows nothing of files. It is built from the resolved experiment config (a plain dict, saved in
 every checkpoint) and the landmark names, so a checkpoint alone rebuilds it.
 """
 
@@ -14,6 +16,7 @@ from torchmetrics import MinMetric
 
 from h3de.config import config_from_dict
 from h3de.geometry import voxel_to_world
+from h3de.inference import Detection, detect
 from h3de.metrics import LandmarkErrors
 from h3de.networks import build_network, network_params, network_spec
 from h3de.readout import build_readout
@@ -41,6 +44,14 @@ class LandmarkModule(L.LightningModule):
         self.readout = build_readout(
             spec.output, self.cfg.loss, len(landmark_names), params, self.cfg.data.heatmap_sigma
         )
+        self.local_network, self.local_readout = None, None
+        if self.cfg.detection.mode == "coarse_to_fine":
+            local = self.cfg.local
+            local_params = network_params(local.model)
+            self.local_network = build_network(local.model.name, 1, len(landmark_names), local_params)
+            self.local_readout = build_readout(
+                "heatmap", local.loss, len(landmark_names), local_params, local.heatmap_sigma
+            )
         radii = tuple(self.cfg.sdr_radii_mm)
         self.train_errors = LandmarkErrors(radii)
         self.val_errors = LandmarkErrors(radii)
@@ -57,11 +68,18 @@ class LandmarkModule(L.LightningModule):
         return voxel, voxel_to_world(voxel.double(), affine.double()), presence
 
     def model_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss and (B, L, 3) predicted world mm for a packed batch."""
+        """Loss and (B, L, 3) predicted world mm for a packed training batch (the global stage's)."""
         output = self(batch["image"])
         loss = self.readout.loss(output, batch)
         _, world, _ = self.decode(output, batch["affine"])
         return loss, world
+
+    def local_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Loss of the coarse-to-fine local stage on the batch's (B, K) patches, each supervising the landmarks
+        inside it."""
+        images = batch["local_image"].flatten(0, 1)  # (B*K, 1, *patch)
+        targets = {"heatmap": batch["local_heatmap"].flatten(0, 1), "loss_mask": batch["local_mask"].flatten(0, 1)}
+        return self.local_readout.loss(self.local_network(images), targets)
 
     def on_train_start(self) -> None:
         self.val_errors.reset()
@@ -71,16 +89,29 @@ class LandmarkModule(L.LightningModule):
         loss, world = self.model_step(batch)
         self.train_errors.update(world, batch["landmarks_world"], batch["present"])
         n = len(world)
+        if self.local_network is not None:
+            local_loss = self.local_step(batch)
+            self.log("train/global_loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
+            self.log("train/local_loss", local_loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
+            loss = loss + self.cfg.local.loss_weight * local_loss
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
         return loss
 
     def on_train_epoch_end(self) -> None:
         self._log_errors("train", self.train_errors, per_landmark=False)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss, world = self.model_step(batch)
-        self.val_errors.update(world, batch["landmarks_world"], batch["present"])
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(world))
+    def detect_batch(self, batch: list[dict[str, Any]]) -> list[Detection]:
+        """:func:`h3de.inference.detect` on each prepared scan of an inference batch (a list of samples)."""
+        return [detect(self, sample) for sample in batch]
+
+    def _score(self, batch: list[dict[str, Any]], metric: LandmarkErrors) -> None:
+        world = torch.stack([d.world for d in self.detect_batch(batch)])
+        truth = torch.stack([s["landmarks_world"] for s in batch])
+        present = torch.stack([s["present"] for s in batch])
+        metric.update(world.to(self.device), truth.to(self.device), present.to(self.device))
+
+    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._score(batch, self.val_errors)
 
     def on_validation_epoch_end(self) -> None:
         mre = self._log_errors("val", self.val_errors, per_landmark=True)
@@ -88,10 +119,8 @@ class LandmarkModule(L.LightningModule):
             self.val_mre_best(mre)
             self.log("val/mre_mm_best", self.val_mre_best.compute(), prog_bar=True, sync_dist=True)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss, world = self.model_step(batch)
-        self.test_errors.update(world, batch["landmarks_world"], batch["present"])
-        self.log("test/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(world))
+    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._score(batch, self.test_errors)
 
     def on_test_epoch_end(self) -> None:
         self._log_errors("test", self.test_errors, per_landmark=True)

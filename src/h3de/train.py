@@ -53,7 +53,12 @@ def train(cfg: DictConfig) -> TrainResult:
     checked before the run directory is created.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = LandmarkDataModule(cfg.data, heatmaps=network_spec(cfg.model.name).output == "heatmap")
+    datamodule = LandmarkDataModule(
+        cfg.data,
+        heatmaps=network_spec(cfg.model.name).output == "heatmap",
+        detection=cfg.detection,
+        local=cfg.local,
+    )
     module = LandmarkModule(to_container(cfg), datamodule.landmark_names)
 
     run_dir = make_run_dir(cfg)

@@ -10,12 +10,17 @@ import torch
 from monai.data import CacheDataset
 from torch.utils.data import DataLoader
 
-from h3de.config import DataConfig
+from h3de.config import DataConfig, DetectionConfig, LocalStageConfig
 from h3de.data.manifest import Case, Manifest, load_manifest
-from h3de.data.pipelines import build_transforms
+from h3de.data.pipelines import build_inference_transforms, build_transforms
 from h3de.errors import DataError, H3deError
 
-__all__ = ["LandmarkDataModule", "check_case"]
+__all__ = ["LandmarkDataModule", "check_case", "list_of_samples"]
+
+
+def list_of_samples(samples: list[dict]) -> list[dict]:
+    """Collate of inference batches: whole scans differ in size, so a batch is the list of its samples."""
+    return list(samples)
 
 
 def check_case(manifest: Manifest, case: Case) -> torch.Tensor:
@@ -53,15 +58,28 @@ class LandmarkDataModule(L.LightningDataModule):
     input stops before any output is written. ``cfg.batch_size`` is the global batch: each of the
     trainer's devices loads ``batch_size / world_size`` samples.
 
+    Training batches are packed crops (:func:`~h3de.data.pipelines.build_transforms`); validation, test and
+    :meth:`eval_dataloader` batches are lists of whole prepared scans
+    (:func:`~h3de.data.pipelines.build_inference_transforms`) for :func:`h3de.inference.detect`.
+
     Args:
         cfg: the ``data`` section of the experiment config.
         manifest_path: overrides ``cfg.root / cfg.manifest``.
         heatmaps: add Gaussian heatmap targets to the samples (networks with heatmap output).
+        detection: the ``detection`` section (default: whole-volume mode).
+        local: the ``local`` section (coarse-to-fine only).
     """
 
-    def __init__(self, cfg: DataConfig, manifest_path: str | Path | None = None, heatmaps: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        manifest_path: str | Path | None = None,
+        heatmaps: bool = True,
+        detection: DetectionConfig | None = None,
+        local: LocalStageConfig | None = None,
+    ) -> None:
         super().__init__()
-        self.cfg, self.heatmaps = cfg, heatmaps
+        self.cfg, self.heatmaps, self.detection, self.local = cfg, heatmaps, detection, local
         self.manifest = load_manifest(manifest_path or Path(cfg.root) / cfg.manifest)
         self.records = {split: self._records(split) for split in ("train", "val", "test")}
         self.datasets: dict[tuple[str, bool], CacheDataset] = {}  # (split, augmented) -> dataset
@@ -108,7 +126,11 @@ class LandmarkDataModule(L.LightningDataModule):
             return self.datasets[split, augmented]
         if not self.records[split]:
             raise DataError(f"{self.manifest.path}: the '{split}' split has no cases")
-        transform = build_transforms(self.cfg, self.manifest.mirror_permutation(), augmented, self.heatmaps)
+        if augmented:
+            permutation = self.manifest.mirror_permutation()
+            transform = build_transforms(self.cfg, permutation, True, self.heatmaps, self.detection, self.local)
+        else:
+            transform = build_inference_transforms(self.cfg, self.detection)
         try:
             dataset = CacheDataset(
                 self.records[split],
@@ -135,7 +157,8 @@ class LandmarkDataModule(L.LightningDataModule):
             drop_last=shuffle and len(dataset) >= self.batch_size_per_device,
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available() and augmented,
+            collate_fn=None if augmented else list_of_samples,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -148,5 +171,5 @@ class LandmarkDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False, augmented=False)
 
     def eval_dataloader(self, split: str) -> DataLoader:
-        """Unshuffled, unaugmented loader of any split (used by evaluation)."""
+        """Loader of any split's whole prepared scans, as lists of samples (used by evaluation)."""
         return self._loader(split, shuffle=False, augmented=False)

@@ -1,8 +1,11 @@
 """Transform chains from config: deterministic preprocessing (cached), then augmentation, then targets.
 
-load -> RAS -> resample -> normalise -> centre pad/crop     (cached by CacheDataset)
--> [mirror with label swap -> random affine -> intensity]   (training only)
--> world landmarks onto the final voxel grid -> heatmaps -> pack
+Training:  load -> RAS -> normalise -> resample -> centre pad/crop    (cached by CacheDataset)
+           [coarse-to-fine: + local patches from the normalised RAS volume]
+           [sliding window: a random patch instead of resample + crop]
+           -> [mirror with label swap -> random affine -> intensity]  (augmented splits only)
+           -> world landmarks onto the final voxel grid -> heatmaps -> pack
+Inference: load -> RAS -> normalise -> resample -> pad to >= patch (whole scan, no ground truth) -> pack
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from monai.transforms import (
     ApplyTransformToPointsd,
     Compose,
     CopyItemsd,
+    DeleteItemsd,
     LoadImaged,
     NormalizeIntensityd,
     Orientationd,
@@ -25,13 +29,15 @@ from monai.transforms import (
     ResizeWithPadOrCropd,
     ScaleIntensityRangePercentilesd,
     Spacingd,
+    SpatialPadd,
 )
 
-from h3de.config import DataConfig
-from h3de.data.transforms import LandmarkHeatmapd, LandmarkMaskd, PackLandmarkSampled, RandMirrord
+from h3de.config import AugmentConfig, DataConfig, DetectionConfig, LocalStageConfig
+from h3de.data.patches import LocalPatchesd, RandLandmarkPatchd
+from h3de.data.transforms import LandmarkHeatmapd, LandmarkMaskd, PackInferenced, PackLandmarkSampled, RandMirrord
 from h3de.errors import DataError
 
-__all__ = ["build_transforms", "LoadVolumed"]
+__all__ = ["build_transforms", "build_inference_transforms", "load_and_normalise", "LoadVolumed"]
 
 
 class LoadVolumed(LoadImaged):
@@ -53,8 +59,21 @@ class LoadVolumed(LoadImaged):
         return out
 
 
-def build_transforms(cfg: DataConfig, mirror_permutation: Sequence[int], train: bool, heatmaps: bool = True) -> Compose:
-    """The full per-sample chain for a split.
+def build_transforms(
+    cfg: DataConfig,
+    mirror_permutation: Sequence[int],
+    train: bool,
+    heatmaps: bool = True,
+    detection: DetectionConfig | None = None,
+    local: LocalStageConfig | None = None,
+) -> Compose:
+    """The per-sample training chain of a split (augmented when ``train``), for the detection mode.
+
+    - ``whole`` and ``coarse_to_fine``: resample to ``cfg.spacing_mm``, centre pad/crop to ``cfg.patch_size``;
+      coarse-to-fine adds the local stage's patches (:class:`~h3de.data.patches.LocalPatchesd`) drawn from the
+      normalised RAS volume at its own resolution.
+    - ``sliding_window``: a random ``cfg.patch_size`` patch at ``cfg.spacing_mm``
+      (:class:`~h3de.data.patches.RandLandmarkPatchd`), sampled straight from the normalised RAS volume.
 
     Args:
         cfg: the ``data`` section of the experiment config.
@@ -62,21 +81,44 @@ def build_transforms(cfg: DataConfig, mirror_permutation: Sequence[int], train: 
         train: add the random augmentation of ``cfg.augment``.
         heatmaps: add Gaussian heatmap targets (networks with heatmap output); anchor networks encode
             their targets from the voxel landmarks themselves.
+        detection: the ``detection`` section (default: whole-volume mode).
+        local: the ``local`` section (coarse-to-fine only).
 
     Returns:
         A ``Compose`` mapping ``{"image": path, "landmarks_world": (1, L, 3), "case_id"}`` to the
         packed sample of :class:`~h3de.data.transforms.PackLandmarkSampled`.
     """
+    mode = detection.mode if detection is not None else "whole"
     spacing = tuple(float(s) for s in cfg.spacing_mm)
-    steps = [
-        LoadVolumed("image"),
-        Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd("image", pixdim=spacing, mode="bilinear", padding_mode="border"),
-        _normalizer(cfg.normalize),
-        ResizeWithPadOrCropd("image", spatial_size=tuple(cfg.patch_size), mode="constant"),
-    ]
+    steps = load_and_normalise(cfg)
+    if mode == "sliding_window":
+        steps.append(
+            RandLandmarkPatchd("image", "landmarks_world", spacing, cfg.patch_size, detection.landmark_patch_prob)
+        )
+    else:
+        if mode == "coarse_to_fine":
+            steps.append(CopyItemsd("image", names="source"))
+        steps += [
+            Spacingd("image", pixdim=spacing, mode="bilinear", padding_mode="border"),
+            ResizeWithPadOrCropd("image", spatial_size=tuple(cfg.patch_size), mode="constant"),
+        ]
+        if mode == "coarse_to_fine":
+            steps += [
+                LocalPatchesd(
+                    "source",
+                    "landmarks_world",
+                    local.spacing_mm,
+                    local.patch_size,
+                    local.heatmap_sigma,
+                    local.offset_mm if train else 0.0,
+                    local.rotate_deg if train and cfg.augment.enabled else 0.0,
+                ),
+                DeleteItemsd("source"),
+            ]
     if train and cfg.augment.enabled:
         steps += _augmentations(cfg, spacing, mirror_permutation)
+        if mode == "coarse_to_fine":
+            steps += _intensity_augmentations(cfg.augment, "local_image")
     steps += [
         CopyItemsd("landmarks_world", names="landmarks_voxel"),
         ApplyTransformToPointsd(
@@ -94,6 +136,47 @@ def build_transforms(cfg: DataConfig, mirror_permutation: Sequence[int], train: 
     return Compose(steps)
 
 
+def build_inference_transforms(
+    cfg: DataConfig, detection: DetectionConfig | None = None, with_landmarks: bool = True
+) -> Compose:
+    """The deterministic chain that prepares a whole scan for :func:`h3de.inference.detect`.
+
+    No crop and no ground truth: the whole volume is resampled to ``cfg.spacing_mm`` (and, except for
+    sliding windows, padded to at least ``cfg.patch_size``); coarse-to-fine keeps the normalised RAS volume at
+    its own resolution as ``source`` for the local patches. World coordinates are those of the file: MONAI's
+    affine follows every step.
+
+    Args:
+        cfg: the ``data`` section of the experiment config.
+        detection: the ``detection`` section (default: whole-volume mode).
+        with_landmarks: the input dicts carry ``landmarks_world`` ((1, L, 3) world mm) to pass through.
+
+    Returns:
+        A ``Compose`` mapping ``{"image": path, "case_id", ["landmarks_world"]}`` to the sample of
+        :class:`~h3de.data.transforms.PackInferenced`.
+    """
+    mode = detection.mode if detection is not None else "whole"
+    steps = load_and_normalise(cfg)
+    if mode == "coarse_to_fine":
+        steps.append(CopyItemsd("image", names="source"))
+    steps.append(
+        Spacingd("image", pixdim=tuple(float(s) for s in cfg.spacing_mm), mode="bilinear", padding_mode="border")
+    )
+    if mode != "sliding_window":
+        steps.append(SpatialPadd("image", spatial_size=tuple(cfg.patch_size), mode="constant"))
+    steps.append(PackInferenced("image", "source" if mode == "coarse_to_fine" else None, with_landmarks))
+    return Compose(steps)
+
+
+def load_and_normalise(cfg: DataConfig) -> list:
+    """The first steps of every chain: read (one 3D volume), orient to RAS, normalise the intensities."""
+    return [
+        LoadVolumed("image"),
+        Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        _normalizer(cfg.normalize),
+    ]
+
+
 def _normalizer(name: str):
     if name == "zscore":
         return NormalizeIntensityd("image")
@@ -104,7 +187,6 @@ def _normalizer(name: str):
 
 def _augmentations(cfg: DataConfig, spacing: tuple[float, ...], mirror_permutation: Sequence[int]) -> list:
     aug = cfg.augment
-    intensity = aug.intensity_prob
     return [
         RandMirrord("image", ["landmarks_world"], mirror_permutation, prob=aug.flip_prob, spatial_axis=0),
         RandAffined(
@@ -116,7 +198,13 @@ def _augmentations(cfg: DataConfig, spacing: tuple[float, ...], mirror_permutati
             mode="bilinear",
             padding_mode="border",
         ),
-        RandScaleIntensityd("image", factors=aug.intensity_scale, prob=intensity),
-        RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=intensity),
-        RandGaussianNoised("image", std=aug.noise_std, prob=intensity),
+        *_intensity_augmentations(aug, "image"),
+    ]
+
+
+def _intensity_augmentations(aug: AugmentConfig, key: str) -> list:
+    return [
+        RandScaleIntensityd(key, factors=aug.intensity_scale, prob=aug.intensity_prob),
+        RandShiftIntensityd(key, offsets=aug.intensity_shift, prob=aug.intensity_prob),
+        RandGaussianNoised(key, std=aug.noise_std, prob=aug.intensity_prob),
     ]

@@ -17,7 +17,7 @@ from monai.transforms import Flip, MapTransform, RandomizableTransform
 
 from h3de.targets import gaussian_heatmaps, points_in_volume
 
-__all__ = ["RandMirrord", "LandmarkMaskd", "LandmarkHeatmapd", "PackLandmarkSampled"]
+__all__ = ["RandMirrord", "LandmarkMaskd", "LandmarkHeatmapd", "PackLandmarkSampled", "PackInferenced"]
 
 
 class RandMirrord(RandomizableTransform, MapTransform):
@@ -122,13 +122,17 @@ class LandmarkHeatmapd(MapTransform):
         return d
 
 
+_LOCAL_KEYS = ("local_image", "local_heatmap", "local_mask", "local_affine")  # from LocalPatchesd
+
+
 class PackLandmarkSampled(MapTransform):
     """Final step: plain tensors for the network and the metrics, one fixed set of keys.
 
     Output keys: ``image`` (C, D, H, W) float32 plain tensor; ``affine`` (4, 4) float64 voxel-to-world
     of that image; ``landmarks_voxel`` (L, 3) float32; ``landmarks_world`` (L, 3) float64 RAS mm;
-    ``present`` (L,) bool; ``loss_mask`` (L,) bool; ``case_id``; and ``heatmap`` (L, D, H, W) float32
-    when the chain made heatmaps.
+    ``present`` (L,) bool; ``loss_mask`` (L,) bool; ``case_id``; ``heatmap`` (L, D, H, W) float32
+    when the chain made heatmaps; and the coarse-to-fine local patches (``local_image``, ``local_heatmap``,
+    ``local_mask``, ``local_affine``) when the chain drew them.
     """
 
     def __init__(self, image_key: str = "image", points_key: str = "landmarks_voxel") -> None:
@@ -149,6 +153,33 @@ class PackLandmarkSampled(MapTransform):
             "loss_mask": data["loss_mask"],
             "case_id": data["case_id"],
         }
-        if "heatmap" in data:
-            sample["heatmap"] = data["heatmap"]
+        for key in ("heatmap", *_LOCAL_KEYS):
+            if key in data:
+                sample[key] = data[key]
+        return sample
+
+
+class PackInferenced(MapTransform):
+    """Final step of the inference chain: the whole prepared scan, still carrying its affine.
+
+    Output keys: ``image`` (MetaTensor (1, D, H, W) float32, the network's input grid, affine to world);
+    ``source`` (MetaTensor, the normalised RAS volume for the local stage) when ``source_key`` is given;
+    ``case_id``; and, ``with_landmarks``, ``landmarks_world`` (L, 3) float64 RAS mm with ``present`` (L,) bool.
+    """
+
+    def __init__(self, image_key: str = "image", source_key: str | None = None, with_landmarks: bool = True) -> None:
+        super().__init__([image_key])
+        self.image_key, self.source_key, self.with_landmarks = image_key, source_key, with_landmarks
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        image = data[self.image_key]
+        if not isinstance(image, MetaTensor):
+            raise TypeError(f"'{self.image_key}' must be a MetaTensor carrying its affine")
+        sample = {"image": image.float(), "case_id": data.get("case_id", "")}
+        if self.source_key is not None:
+            sample["source"] = data[self.source_key].float()
+        if self.with_landmarks:
+            world = _plain(data["landmarks_world"]).reshape(-1, 3).to(torch.float64)
+            sample["landmarks_world"] = world
+            sample["present"] = torch.isfinite(world).all(dim=-1)
         return sample

@@ -1,0 +1,200 @@
+"""Patches sampled from a volume in world space, and the training transforms that draw them.
+
+A patch is a small grid with its own voxel-to-world affine: axes along RAS (optionally rotated), a given
+spacing in mm, centred on a world point. Its voxels are read from the source volume by trilinear
+interpolation at their world positions, so one sampler serves every geometry: a coarse-to-fine local
+patch around a landmark estimate (training and inference alike), or a random training patch of the
+sliding-window mode. Written here rather than with MONAI's crops because those work on the source's own
+grid; this samples any spacing and rotation in one ``grid_sample`` call, without resampling the whole
+volume first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Randomizable
+
+from h3de.geometry import world_to_voxel
+from h3de.targets import gaussian_heatmaps, points_in_volume
+
+__all__ = ["patch_affines", "sample_patches", "LocalPatchesd", "RandLandmarkPatchd"]
+
+
+def patch_affines(
+    centres: torch.Tensor, spacing: Sequence[float], size: Sequence[int], rotations: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Voxel-to-world affines of patches centred on ``centres``.
+
+    Args:
+        centres: (K, 3) world mm, the patches' centres.
+        spacing: (3,) mm per patch voxel.
+        size: (3,) voxels per patch side.
+        rotations: (K, 3, 3) rotations of the patch axes (default: RAS-aligned).
+
+    Returns:
+        (K, 4, 4) float64 affines; voxel ``(size - 1) / 2`` of patch k lies at ``centres[k]``.
+    """
+    centres = centres.to(torch.float64).reshape(-1, 3)
+    k = len(centres)
+    axes = torch.diag(torch.as_tensor(spacing, dtype=torch.float64)).expand(k, 3, 3)
+    if rotations is not None:
+        axes = rotations.to(torch.float64) @ axes
+    half = (torch.as_tensor(size, dtype=torch.float64) - 1) / 2
+    affine = torch.eye(4, dtype=torch.float64).repeat(k, 1, 1)
+    affine[:, :3, :3] = axes
+    affine[:, :3, 3] = centres - (axes @ half)
+    return affine
+
+
+def sample_patches(
+    volume: torch.Tensor, affine: torch.Tensor, patch_affine: torch.Tensor, size: Sequence[int]
+) -> torch.Tensor:
+    """Trilinear samples of ``volume`` on the patch grids; zero outside the volume.
+
+    Args:
+        volume: (C, D, H, W) source volume.
+        affine: (4, 4) its voxel-to-world matrix.
+        patch_affine: (K, 4, 4) voxel-to-world matrices of the patches (:func:`patch_affines`).
+        size: (3,) voxels per patch side.
+
+    Returns:
+        (K, C, *size) float32 patches on ``volume``'s device.
+    """
+    volume = torch.as_tensor(volume)
+    device = volume.device
+    # patch voxel -> source voxel, composed in float64: one (K, 4, 4) matrix per patch
+    to_source = torch.linalg.inv(torch.as_tensor(affine, dtype=torch.float64).cpu()) @ patch_affine.cpu()
+    to_source = to_source.to(device=device, dtype=torch.float32)
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32, device=device) for s in size], indexing="ij")
+    index = torch.stack(grids, -1).reshape(-1, 3)  # (P, 3)
+    source = index @ to_source[:, :3, :3].transpose(-1, -2) + to_source[:, None, :3, 3]  # (K, P, 3) source voxels
+    shape = torch.as_tensor(volume.shape[1:], dtype=torch.float32, device=device)
+    normalised = 2 * source / (shape - 1).clamp_min(1) - 1  # align_corners=True: voxel 0 -> -1, n - 1 -> 1
+    grid = normalised.flip(-1).reshape(1, -1, *size[1:], 3)  # grid_sample wants (x, y, z) = (W, H, D) order
+    out = F.grid_sample(volume[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    # (1, C, K * size[0], size[1], size[2]) -> (K, C, *size)
+    return out.reshape(volume.shape[0], len(patch_affine), *size).transpose(0, 1).contiguous()
+
+
+def _random_rotations(rng: np.random.RandomState, count: int, max_deg: float) -> torch.Tensor:
+    """(count, 3, 3) rotations by uniform angles in +-max_deg about each axis."""
+    angles = np.deg2rad(rng.uniform(-max_deg, max_deg, (count, 3)))
+    out = []
+    for a, b, c in angles:
+        rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+        ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+        rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
+        out.append(rz @ ry @ rx)
+    return torch.as_tensor(np.stack(out), dtype=torch.float64)
+
+
+def _points(data: Mapping[Hashable, torch.Tensor], key: str) -> torch.Tensor:
+    points = data[key]
+    points = points.as_tensor() if isinstance(points, MetaTensor) else torch.as_tensor(points)
+    return points.reshape(-1, 3).to(torch.float64)
+
+
+class LocalPatchesd(Randomizable, MapTransform):
+    """Training patches of the coarse-to-fine local stage, one per landmark, with their heatmap targets.
+
+    Patch k is centred on landmark k's true world position plus a uniform offset of up to ``offset_mm`` per
+    axis, rotated by up to ``rotate_deg`` about each axis. An absent landmark's patch is centred on a randomly
+    chosen present landmark instead, so every sample has L patches. Each patch supervises every landmark that
+    falls inside it.
+
+    Reads ``source_key`` (MetaTensor (C, D, H, W) with its affine) and ``points_key`` ((L, 3) world mm, NaN =
+    absent). Writes ``local_image`` (L, C, *size) float32, ``local_heatmap`` (L, L, *size) float32,
+    ``local_mask`` (L, L) bool (landmark j inside patch k), ``local_affine`` (L, 4, 4) float64.
+    """
+
+    def __init__(
+        self,
+        source_key: str,
+        points_key: str,
+        spacing: Sequence[float],
+        size: Sequence[int],
+        sigma: float,
+        offset_mm: float,
+        rotate_deg: float,
+    ) -> None:
+        MapTransform.__init__(self, [source_key])
+        self.source_key, self.points_key = source_key, points_key
+        self.spacing, self.size = tuple(float(s) for s in spacing), tuple(int(s) for s in size)
+        self.sigma, self.offset_mm, self.rotate_deg = sigma, offset_mm, rotate_deg
+
+    def randomize(self, data=None) -> None:  # drawn per call in __call__ (needs the landmark count)
+        pass
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        source = d[self.source_key]
+        world = _points(d, self.points_key)  # (L, 3)
+        count = len(world)
+        present = torch.isfinite(world).all(-1)
+        centres = world.clone()
+        if present.any():
+            pool = torch.nonzero(present).flatten().numpy()
+            stand_ins = self.R.choice(pool, size=count)
+            centres[~present] = world[torch.as_tensor(stand_ins)[~present]]
+        else:  # nothing to look for: patches at the volume's centre teach "absent" everywhere
+            middle = (torch.as_tensor(source.shape[1:], dtype=torch.float64) - 1) / 2
+            centres[:] = source.affine[:3, :3].double() @ middle + source.affine[:3, 3].double()
+        centres = centres + torch.as_tensor(self.R.uniform(-self.offset_mm, self.offset_mm, (count, 3)))
+        rotations = _random_rotations(self.R, count, self.rotate_deg) if self.rotate_deg > 0 else None
+        affines = patch_affines(centres, self.spacing, self.size, rotations)
+        d["local_image"] = sample_patches(source.as_tensor(), source.affine, affines, self.size)
+        voxels = world_to_voxel(world.expand(count, count, 3), affines)  # (K, L, 3) in each patch
+        mask = points_in_volume(voxels, self.size)
+        d["local_heatmap"] = gaussian_heatmaps(torch.where(mask[..., None], voxels, torch.nan), self.size, self.sigma)
+        d["local_mask"] = mask
+        d["local_affine"] = affines
+        return d
+
+
+class RandLandmarkPatchd(Randomizable, MapTransform):
+    """A random training patch of the sliding-window mode, replacing the image by the patch.
+
+    With probability ``landmark_prob`` the patch contains a randomly chosen present landmark at a uniformly
+    random place inside it; otherwise its centre is uniform over the volume. The patch is RAS-aligned at
+    ``spacing`` mm, sampled from the (RAS-oriented) image at any resolution, and carries its own affine, so the
+    landmarks follow through :class:`monai.transforms.ApplyTransformToPointsd` like after any crop.
+
+    Reads ``image_key`` (MetaTensor (C, D, H, W)) and ``points_key`` ((L, 3) world mm).
+    """
+
+    def __init__(
+        self, image_key: str, points_key: str, spacing: Sequence[float], size: Sequence[int], landmark_prob: float
+    ) -> None:
+        MapTransform.__init__(self, [image_key])
+        self.image_key, self.points_key = image_key, points_key
+        self.spacing, self.size = tuple(float(s) for s in spacing), tuple(int(s) for s in size)
+        self.landmark_prob = landmark_prob
+
+    def randomize(self, data=None) -> None:  # drawn per call in __call__ (needs the volume's extent)
+        pass
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        image = d[self.image_key]
+        affine = image.affine.to(torch.float64)
+        world = _points(d, self.points_key)
+        present = torch.nonzero(torch.isfinite(world).all(-1)).flatten()
+        extent = torch.as_tensor(self.size, dtype=torch.float64) * torch.as_tensor(self.spacing) / 2  # half side mm
+        if len(present) and self.R.rand() < self.landmark_prob:
+            chosen = world[present[self.R.randint(len(present))]]
+            centre = chosen + torch.as_tensor(self.R.uniform(-1, 1, 3)) * (extent - torch.as_tensor(self.spacing))
+        else:
+            corner = torch.as_tensor(self.R.uniform(0, 1, 3)) * (torch.as_tensor(image.shape[1:]) - 1)
+            centre = affine[:3, :3] @ corner + affine[:3, 3]
+        patch_affine = patch_affines(centre[None], self.spacing, self.size)
+        patch = sample_patches(image.as_tensor(), affine, patch_affine, self.size)[0]
+        d[self.image_key] = MetaTensor(
+            patch, affine=patch_affine[0], meta={"filename_or_obj": image.meta.get("filename_or_obj")}
+        )
+        return d

@@ -1,0 +1,70 @@
+"""Figures: quality-control slices of predicted landmarks.
+
+matplotlib with the Agg backend (no screen needed); every figure is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from h3de.io_utils import atomic_path  # noqa: E402
+
+__all__ = ["qc_slices"]
+
+_VIEWS = (("sagittal", 0, (1, 2)), ("coronal", 1, (0, 2)), ("axial", 2, (0, 1)))  # name, fixed axis, shown axes
+
+
+def qc_slices(
+    path: str | os.PathLike,
+    volume: np.ndarray,
+    affine: np.ndarray,
+    names: list[str],
+    predicted: np.ndarray,
+    presence: np.ndarray,
+    truth: np.ndarray | None = None,
+    title: str = "",
+) -> None:
+    """Write a PNG with, per landmark, the sagittal, coronal and axial slices through its prediction.
+
+    Args:
+        path: the PNG to write.
+        volume: (X, Y, Z) RAS-oriented volume (axes L->R, P->A, I->S).
+        affine: (4, 4) its voxel-to-world matrix.
+        names: L landmark names.
+        predicted: (L, 3) world mm (red +).
+        presence: (L,) presence probabilities (in each row's title).
+        truth: (L, 3) world mm of the ground truth (green x; NaN rows = absent), or None.
+        title: the figure's title (e.g. the case id).
+    """
+    inverse = np.linalg.inv(affine)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    to_voxel = lambda points: points @ inverse[:3, :3].T + inverse[:3, 3]  # noqa: E731
+    pred_vox = to_voxel(np.asarray(predicted, dtype=np.float64))
+    truth_vox = to_voxel(np.asarray(truth, dtype=np.float64)) if truth is not None else None
+    low, high = np.percentile(volume, [1, 99]) if volume.size else (0.0, 1.0)
+    rows = len(names)
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 2.8 * rows), squeeze=False)
+    for row, name in enumerate(names):
+        centre = np.clip(np.round(pred_vox[row]), 0, np.array(volume.shape) - 1).astype(int)
+        for col, (view, fixed, (a, b)) in enumerate(_VIEWS):
+            ax = axes[row, col]
+            plane = np.take(volume, centre[fixed], axis=fixed)  # (shape[a], shape[b])
+            ax.imshow(plane.T, cmap="gray", origin="lower", vmin=low, vmax=high, aspect=spacing[b] / spacing[a])
+            ax.plot(pred_vox[row, a], pred_vox[row, b], "r+", markersize=12, markeredgewidth=2)
+            if truth_vox is not None and np.isfinite(truth_vox[row]).all():
+                ax.plot(truth_vox[row, a], truth_vox[row, b], "gx", markersize=10, markeredgewidth=2)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{name} ({presence[row]:.2f}): {view}" if col == 0 else view, fontsize=8)
+    legend = "red +: predicted" + (", green x: ground truth, projected onto the slice" if truth is not None else "")
+    fig.suptitle(f"{title}  ({legend}; presence in brackets; R to the right)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / rows))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=72)
+    plt.close(fig)
