@@ -1,0 +1,107 @@
+"""The one inference path: whole volume, sliding window and coarse-to-fine, on whole scans without ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from h3de.data.pipelines import build_inference_transforms
+from h3de.evaluate import load_checkpoint
+from h3de.inference import detect
+from inference_helpers import save_checkpoint, write_one_blob
+
+PROBE = ["model.name=intensity_probe", "loss=weighted_mse", "data.heatmap_sigma=1.0"]
+
+
+def _detect(ckpt, image):
+    module = load_checkpoint(ckpt)
+    chain = build_inference_transforms(module.cfg.data, module.cfg.detection, with_landmarks=False)
+    return detect(module, chain({"image": str(image), "case_id": "x"}))
+
+
+@pytest.mark.parametrize(
+    "mode, extra",
+    [
+        ("whole", []),
+        ("sliding_window", ["data.patch_size=[16,16,16]"]),
+        (
+            "coarse_to_fine",
+            ["local.model.name=intensity_probe", "local.loss.name=weighted_mse", "local.spacing_mm=[1,1,1]"],
+        ),
+    ],
+)
+def test_landmarks_outside_the_training_crop_and_at_the_edge_are_found(tmp_path, mode, extra):
+    # 96 mm of volume, a 32 mm training crop: both blobs lie outside the crop, one 1.5 voxels from the edge
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [-40.0, 10.0, 5.0]
+    overrides = [*PROBE, f"detection.mode={mode}", "data.spacing_mm=[2,2,2]", "data.patch_size=[16,16,16]", *extra]
+    ckpt = save_checkpoint(tmp_path / "probe.ckpt", overrides, ["tip"])
+    for voxel in ([85.3, 20.2, 30.7], [1.5, 48.6, 60.4]):
+        world = write_one_blob(tmp_path, "case", affine, (96, 64, 64), voxel, sigma=2.5)
+        found = _detect(ckpt, tmp_path / "images" / "case.nii.gz")
+        error = np.linalg.norm(found.world[0].numpy() - world)
+        assert error < (0.3 if mode == "coarse_to_fine" else 1.0), (mode, voxel, error)
+
+
+def test_coarse_to_fine_refines_the_coarse_estimate(tmp_path):
+    affine = np.diag([0.8, 0.8, 1.2, 1.0])
+    overrides = [
+        *PROBE,
+        "detection.mode=coarse_to_fine",
+        "data.spacing_mm=[6,6,6]",
+        "local.model.name=intensity_probe",
+        "local.loss.name=weighted_mse",
+        "local.spacing_mm=[0.5,0.5,0.5]",
+    ]
+    ckpt = save_checkpoint(tmp_path / "c2f.ckpt", overrides, ["tip"])
+    world = write_one_blob(tmp_path, "case", affine, (80, 80, 60), [41.37, 30.81, 22.45], sigma=2.0)
+    found = _detect(ckpt, tmp_path / "images" / "case.nii.gz")
+    coarse_error = np.linalg.norm(found.coarse_world[0].numpy() - world)
+    fine_error = np.linalg.norm(found.world[0].numpy() - world)
+    assert fine_error < 0.15 and fine_error < coarse_error / 3, (coarse_error, fine_error)
+
+
+def test_a_sliding_window_covering_the_volume_equals_whole_volume_inference(tmp_path, blob_dataset):
+    names = ["a_L", "a_R", "top", "front"]
+    common = ["loss=weighted_mse", "model.unet.channels=[4,8]", "model.unet.strides=[2]", "data.spacing_mm=[3,3,3]"]
+    whole = load_checkpoint(save_checkpoint(tmp_path / "w.ckpt", [*common, "data.patch_size=[40,40,40]"], names))
+    sliding = load_checkpoint(
+        save_checkpoint(
+            tmp_path / "s.ckpt", [*common, "data.patch_size=[40,40,40]", "detection.mode=sliding_window"], names
+        )
+    )
+    sliding.load_state_dict(whole.state_dict())
+    image = str(blob_dataset.parent / "images" / "case_2.nii.gz")  # the oblique one: 40^3 covers it at 3 mm
+    results = []
+    for module in (whole, sliding):
+        chain = build_inference_transforms(module.cfg.data, module.cfg.detection, with_landmarks=False)
+        sample = chain({"image": image, "case_id": "c"})
+        assert max(sample["image"].shape[1:]) <= 40
+        results.append(detect(module, sample))
+    assert torch.allclose(results[0].world, results[1].world, atol=1e-3)
+    assert torch.allclose(results[0].presence, results[1].presence, atol=1e-5)
+
+
+def test_sliding_window_decodes_landmarks_in_chunks_within_the_memory_budget(tmp_path, blob_dataset):
+    names = ["a_L", "a_R", "top", "front"]
+    common = ["loss=weighted_mse", "model.unet.channels=[4,8]", "model.unet.strides=[2]", "data.spacing_mm=[2,2,2]"]
+    common += ["detection.mode=sliding_window", "data.patch_size=[16,16,16]"]
+    roomy = load_checkpoint(save_checkpoint(tmp_path / "a.ckpt", common, names))
+    # a budget that holds the maps of one landmark at a time (the volume is ~ 44 x 40 x 40 voxels at 2 mm)
+    tight = load_checkpoint(save_checkpoint(tmp_path / "b.ckpt", [*common, "detection.max_heatmap_gib=0.0007"], names))
+    tight.load_state_dict(roomy.state_dict())
+    chain = build_inference_transforms(roomy.cfg.data, roomy.cfg.detection, with_landmarks=False)
+    sample = chain({"image": str(blob_dataset.parent / "images" / "case_0.nii.gz"), "case_id": "c"})
+    calls = []
+    network = tight.network.forward
+    tight.network.forward = lambda x: calls.append(1) or network(x)
+    a, b = detect(roomy, sample), detect(tight, sample)
+    windows = len(calls)
+    assert torch.allclose(a.world, b.world, atol=1e-4) and torch.allclose(a.presence, b.presence, atol=1e-5)
+    tight.network.forward = network
+    calls.clear()
+    tight.network.forward = lambda x: calls.append(1) or network(x)
+    tight.cfg.detection.max_heatmap_gib = 1.0
+    detect(tight, sample)
+    assert windows >= 3 * len(calls)  # several chunks, each a full pass of windows
