@@ -75,3 +75,34 @@ def test_both_h3de_heads_train_on_the_phantom(tmp_path, model, loss):
     with open(tmp_path / "eval" / "predictions.csv") as f:
         scores = [float(r["presence_score"]) for r in csv.DictReader(f)]
     assert all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_coarse_to_fine_trains_evaluates_and_predicts_on_a_tiny_phantom(tmp_path):
+    from h3de.predict import predict
+
+    generate_phantom(tmp_path / "phantom", seed=3, num_cases=5, voxel_mm=3.0)
+    cfg = small_phantom_config(
+        tmp_path,
+        [
+            "model.unet.channels=[8,16,32]",
+            "model.unet.strides=[2,2]",
+            "detection.mode=coarse_to_fine",
+            "local.spacing_mm=[2,2,2]",
+            "local.patch_size=[16,16,16]",
+            "local.offset_mm=6",
+            "local.model.unet.channels=[8,16]",
+            "local.model.unet.strides=[2]",
+            "trainer.max_epochs=3",
+            "trainer.log_every_n_steps=1",
+        ],
+    )
+    result = train(cfg)
+    with open(result.run_dir / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    local = [float(r["train/local_loss"]) for r in rows if r.get("train/local_loss")]
+    assert len(local) == 3 and local[-1] < local[0], local
+    summary = evaluate(result.best_checkpoint, "val", tmp_path / "eval").summary
+    assert abs(summary["mre_mm"] - result.best_val_mre_mm) < 1e-3
+    out = predict(result.best_checkpoint, tmp_path / "phantom" / "images", tmp_path / "pred", progress=False)
+    assert not out.failures and len(out.case_ids) == 5
+    assert all((tmp_path / "pred" / f"{case}.mrk.json").is_file() for case in out.case_ids)
