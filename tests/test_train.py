@@ -202,14 +202,6 @@ def test_samples_per_epoch_max_steps_and_the_step_schedule(blob_dataset, tmp_pat
     assert cosine[4] == pytest.approx(0.0, abs=1e-12)  # ...and the lr after the last step
 
 
-def test_exponential_gamma_stays_per_epoch(blob_dataset, tmp_path):
-    overrides = ["data.samples_per_epoch=2", "data.batch_size=1", "trainer.max_epochs=2", "optim.lr=0.01"]
-    overrides += ["optim.scheduler=exponential", "optim.gamma=0.5"]
-    result = train(small_cfg(blob_dataset, tmp_path, *TINY, *overrides))
-    lrs = [float(r["lr-AdamW"]) for r in _read_metrics(result.run_dir) if r.get("lr-AdamW")]
-    assert lrs == pytest.approx([0.01, 0.01 * 0.5**0.5, 0.005, 0.005 * 0.5**0.5], rel=1e-5)  # 2 steps an epoch
-
-
 def test_last_checkpoint_is_the_last_epoch_and_best_the_best(blob_dataset, tmp_path):
     """With a learning rate too small to change any weight, val MRE never improves after epoch 0."""
     overrides = ["trainer.max_epochs=3", "data.samples_per_epoch=2", "optim.lr=1e-15", "optim.scheduler=constant"]
