@@ -212,3 +212,10 @@ def test_last_checkpoint_is_the_last_epoch_and_best_the_best(blob_dataset, tmp_p
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
     assert _checkpoint_progress(checkpoints / "best.ckpt") == (0, 1)  # one step an epoch
     assert _checkpoint_progress(checkpoints / "last.ckpt") == (2, 3)
+
+
+def test_max_time_stops_the_run(blob_dataset, tmp_path):
+    overrides = ["trainer.max_epochs=1000", "data.samples_per_epoch=2", "trainer.max_time=00:00:00:01"]
+    result = train(small_cfg(blob_dataset, tmp_path, *TINY, *overrides))
+    epoch, step = _checkpoint_progress(result.run_dir / "checkpoints" / "last.ckpt")
+    assert 1 <= step < 1000 and epoch == step - 1  # one step an epoch; stopped by the clock long before the epochs
