@@ -36,12 +36,26 @@ def test_defaults_file_and_overrides_merge_in_order(tmp_path):
         ("data.spacing_mm=[1,2]", "data.spacing_mm"),
         ("data.augment.flip_prob=1.5", "data.augment.flip_prob"),
         ("optim.lr=-1", "optim.lr"),
+        ("data.samples_per_epoch=0", "data.samples_per_epoch"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("trainer.max_time=1:30", "trainer.max_time"),
+        ("trainer.max_time=00:24:00:00", "trainer.max_time='00:24:00:00'"),
+        ("trainer.max_time=00:00:00:00", "trainer.max_time"),
         ("no_equals_sign", "key=value"),
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("(", r"\(")):
         load_config(None, [override])
+
+
+def test_step_and_time_budgets():
+    cfg = load_config(None, ["trainer.max_time=01:12:00:00", "trainer.max_steps=500", "data.samples_per_epoch=250"])
+    assert (cfg.trainer.max_time, cfg.trainer.max_steps, cfg.data.samples_per_epoch) == ("01:12:00:00", 500, 250)
+    defaults = load_config()
+    assert (defaults.trainer.max_time, defaults.trainer.max_steps, defaults.data.samples_per_epoch) == (None, -1, None)
+    with pytest.raises(ConfigError, match="trainer.max_time.*quote it"):  # YAML reads 1:12:00:00 as base 60
+        load_config(None, ["trainer.max_time=1:12:00:00"])
 
 
 def test_section_shorthand_sets_its_name():

@@ -1,3 +1,6 @@
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -14,12 +17,20 @@ def module(*overrides):
     return LandmarkModule(to_container(load_config(None, [*TINY, *overrides])), NAMES)
 
 
-def learning_rates(overrides, epochs=10):
+def learning_rates(overrides, epochs=10, batches=1, accumulate=1):
+    """The lr of each of ``epochs`` x ``batches / accumulate`` optimiser steps (the schedule steps per step)."""
     m = module(*overrides)
+    steps_per_epoch = batches // accumulate
+    m.trainer = SimpleNamespace(  # what configure_optimizers reads of the trainer
+        estimated_stepping_batches=epochs * steps_per_epoch,
+        num_training_batches=batches,
+        accumulate_grad_batches=accumulate,
+    )
     setup = m.configure_optimizers()
+    assert setup["lr_scheduler"]["interval"] == "step"
     optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
     rates = []
-    for _ in range(epochs):
+    for _ in range(epochs * steps_per_epoch):
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
@@ -44,6 +55,17 @@ def test_schedules_from_config():
     assert constant == pytest.approx([0.3] * 10)
     _, warm = learning_rates(["optim.scheduler=constant", "optim.lr=1.0", "optim.warmup_epochs=2"])
     assert warm[0] == pytest.approx(0.1) and warm[2:] == pytest.approx([1.0] * 8)
+
+
+def test_schedules_keep_their_epoch_meaning_at_several_steps_an_epoch():
+    """8 batches, accumulated by 2 = 4 optimiser steps an epoch, 3 epochs."""
+    steps = {"epochs": 3, "batches": 8, "accumulate": 2}
+    _, exponential = learning_rates(["optim.scheduler=exponential", "optim.lr=1.0", "optim.gamma=0.5"], **steps)
+    assert exponential[::4] == pytest.approx([1.0, 0.5, 0.25]) and exponential[1] == pytest.approx(0.5**0.25)
+    _, warm = learning_rates(["optim.scheduler=cosine", "optim.lr=1.0", "optim.warmup_epochs=1"], **steps)
+    assert warm[:4] == pytest.approx([0.1, 0.325, 0.55, 0.775])  # linear over the first epoch's 4 steps
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]  # then down to 0 over the other 8
+    assert warm[4:] == pytest.approx(cosine)
 
 
 @pytest.mark.parametrize("loss", ["spatial_ce", "weighted_mse"])

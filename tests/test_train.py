@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -142,13 +143,14 @@ def test_cli_train_runs_experiment_file(blob_dataset, tmp_path, capsys):
 
 
 def test_two_process_ddp_with_bf16_mixed_precision(blob_dataset, tmp_path):
-    """The multi-GPU path on CPU: 2 processes (gloo), global batch split, one run directory, bf16."""
+    """The multi-GPU path on CPU: 2 processes (gloo), global batch and samples_per_epoch split, one run directory,
+    bf16."""
     runs = tmp_path / "runs"
     data = f"data.root={blob_dataset.parent}"
     command = [sys.executable, "-m", "h3de.cli", "train", data, f"output_dir={runs}"]
     command += [*SMALL, "data.batch_size=4", "trainer.max_epochs=1", "logger=csv", "name=ddp"]
     command += ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
-    command += ["trainer.precision=bf16-mixed"]
+    command += ["trainer.precision=bf16-mixed", "data.samples_per_epoch=8"]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "H3DE_RUN_DIR")}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -158,7 +160,7 @@ def test_two_process_ddp_with_bf16_mixed_precision(blob_dataset, tmp_path):
     assert len(run_dirs) == 1 and (run_dirs[0] / "checkpoints" / "best.ckpt").is_file()
     with open(run_dirs[0] / "logs" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["train/loss_step"]]
-    assert len(rows) == 1  # 4 training cases / (2 per device x 2 devices) = 1 step
+    assert len(rows) == 2  # 8 samples an epoch / (2 per device x 2 devices) = 2 steps (4 training cases)
 
 
 def test_cli_phantom_writes_a_dataset_and_refuses_bad_sizes(tmp_path, capsys):
@@ -168,3 +170,52 @@ def test_cli_phantom_writes_a_dataset_and_refuses_bad_sizes(tmp_path, capsys):
     assert main(["data", "phantom", "--out", str(tmp_path / "bad"), "--cases", "2"]) == 2
     assert "num_cases" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "dataset.json").exists()
+
+
+TINY = ["data.spacing_mm=[6,6,6]", "data.patch_size=[16,16,16]", "trainer.num_sanity_val_steps=0", "logger=csv"]
+
+
+def _read_metrics(run_dir):
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _checkpoint_progress(path):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["epoch"], state["global_step"]
+
+
+def test_samples_per_epoch_max_steps_and_the_step_schedule(blob_dataset, tmp_path):
+    """6 samples / batch 2 = 3 steps an epoch (4 training cases); max_steps=7 ends in epoch 2; the cosine (after a
+    one-epoch warm-up) spans those 7 steps and ends at its minimum."""
+    overrides = ["data.samples_per_epoch=6", "trainer.max_epochs=5", "trainer.max_steps=7"]
+    overrides += ["optim.lr=0.01", "optim.warmup_epochs=1"]
+    result = train(small_cfg(blob_dataset, tmp_path, *TINY, *overrides))
+    steps = [r for r in _read_metrics(result.run_dir) if r["train/loss_step"]]
+    assert [int(r["epoch"]) for r in steps] == [0, 0, 0, 1, 1, 1, 2]
+    assert _checkpoint_progress(result.run_dir / "checkpoints" / "last.ckpt") == (2, 7)
+
+    lrs = [float(r["lr-AdamW"]) for r in _read_metrics(result.run_dir) if r.get("lr-AdamW")]
+    warmup = [0.01 * (0.1 + 0.9 * k / 3) for k in range(3)]  # linear from 0.1 x lr over 3 steps
+    cosine = [0.005 * (1 + math.cos(math.pi * k / 4)) for k in range(5)]  # 7 - 3 = 4 steps to the minimum
+    assert lrs == pytest.approx(warmup + cosine[:4], rel=1e-5)  # the lr used by each of the 7 steps
+    assert cosine[4] == pytest.approx(0.0, abs=1e-12)  # ...and the lr after the last step
+
+
+def test_last_checkpoint_is_the_last_epoch_and_best_the_best(blob_dataset, tmp_path):
+    """With a learning rate too small to change any weight, val MRE never improves after epoch 0."""
+    overrides = ["trainer.max_epochs=3", "data.samples_per_epoch=2", "optim.lr=1e-15", "optim.scheduler=constant"]
+    result = train(small_cfg(blob_dataset, tmp_path, *TINY, *overrides))
+    mre = [float(r["val/mre_mm"]) for r in _read_metrics(result.run_dir) if r["val/mre_mm"]]
+    assert len(mre) == 3 and mre[1:] == [mre[0]] * 2
+    checkpoints = result.run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert _checkpoint_progress(checkpoints / "best.ckpt") == (0, 1)  # one step an epoch
+    assert _checkpoint_progress(checkpoints / "last.ckpt") == (2, 3)
+
+
+def test_max_time_stops_the_run(blob_dataset, tmp_path):
+    overrides = ["trainer.max_epochs=1000", "data.samples_per_epoch=2", "trainer.max_time=00:00:00:01"]
+    result = train(small_cfg(blob_dataset, tmp_path, *TINY, *overrides))
+    epoch, step = _checkpoint_progress(result.run_dir / "checkpoints" / "last.ckpt")
+    assert 1 <= step < 1000 and epoch == step - 1  # one step an epoch; stopped by the clock long before the epochs

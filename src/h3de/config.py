@@ -8,6 +8,7 @@ error, and OmegaConf checks types, so ``data.batch_size=abc`` fails naming the k
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ class DataConfig:
     batch_size: int = 4  # global batch, divided over devices
     num_workers: int = 0
     cache_rate: float = 1.0  # share of cases whose deterministic preprocessing is cached in memory
+    # training samples drawn per epoch (shuffled repeats of the train split; over all devices). null: one pass over
+    # the split. A fixed number keeps the optimiser steps per epoch (samples / batch_size) independent of the data size.
+    samples_per_epoch: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -182,9 +186,12 @@ class OptimConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-5
     momentum: float = 0.9  # sgd only
+    # The schedule steps every optimiser step over the run's step budget (trainer.max_epochs x steps per epoch, or
+    # trainer.max_steps if that is less). A time budget (trainer.max_time) cannot tell the schedule its length: the
+    # cosine still spans max_epochs/max_steps and is cut wherever the time runs out.
     scheduler: str = "cosine"  # cosine | exponential | constant
-    gamma: float = 0.98  # exponential: per-epoch decay
-    warmup_epochs: int = 0  # linear warm-up before the schedule
+    gamma: float = 0.98  # exponential: decay per epoch (applied as gamma ** (1 / steps per epoch) every step)
+    warmup_epochs: int = 0  # linear warm-up before the schedule, in epochs (converted to optimiser steps)
 
 
 @dataclass
@@ -192,6 +199,8 @@ class TrainerConfig:
     """Arguments of ``lightning.Trainer`` that experiments change."""
 
     max_epochs: int = 30
+    max_steps: int = -1  # stop after this many optimiser steps (-1: no limit); the first budget reached ends the run
+    max_time: str | None = None  # wall-clock budget "DD:HH:MM:SS" (null: none); see optim for the LR schedule
     accelerator: str = "auto"
     devices: Any = 1  # int, list of ids or "auto"
     num_nodes: int = 1
@@ -374,6 +383,16 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must lie in [0, 1], got {value}")
     if not 0.0 <= cfg.data.cache_rate <= 1.0:
         raise ConfigError(f"data.cache_rate must lie in [0, 1], got {cfg.data.cache_rate}")
+    if cfg.data.samples_per_epoch is not None and cfg.data.samples_per_epoch <= 0:
+        raise ConfigError(f"data.samples_per_epoch must be positive or null, got {cfg.data.samples_per_epoch}")
+    if cfg.trainer.max_steps == 0 or cfg.trainer.max_steps < -1:
+        raise ConfigError(f"trainer.max_steps must be positive or -1 (no limit), got {cfg.trainer.max_steps}")
+    max_time = cfg.trainer.max_time
+    if max_time is not None and not _is_duration(max_time):
+        hint = " (YAML reads an unquoted 1:00:00:00 as a base-60 number: quote it or write 01:00:00:00)"
+        raise ConfigError(
+            f"trainer.max_time={max_time!r} is not a positive duration 'DD:HH:MM:SS'" + hint * max_time.isdigit()
+        )
     if any(r <= 0 for r in cfg.sdr_radii_mm):
         raise ConfigError(f"sdr_radii_mm must be positive, got {list(cfg.sdr_radii_mm)}")
 
@@ -413,6 +432,12 @@ def _validate_detection(cfg: DictConfig) -> None:
     except ConfigError as e:
         message = str(e).replace("data.patch_size", "local.patch_size").replace("model.", "local.model.", 1)
         raise ConfigError(f"local stage: {message}") from None
+
+
+def _is_duration(text: str) -> bool:
+    """Whether ``text`` is a positive ``DD:HH:MM:SS`` duration, the string ``lightning.Trainer(max_time=)`` reads."""
+    match = re.fullmatch(r"(\d+):([01]\d|2[0-3]):([0-5]\d):([0-5]\d)", text, flags=re.ASCII)
+    return match is not None and any(int(part) for part in match.groups())
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -8,6 +8,7 @@ every checkpoint) and the landmark names, so a checkpoint alone rebuilds it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -139,6 +140,13 @@ class LandmarkModule(L.LightningModule):
         return values["mre_mm"]
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """The optimiser and an LR schedule stepped after every optimiser step.
+
+        The schedule spans the trainer's step budget (``estimated_stepping_batches``: max_epochs x steps per epoch,
+        or max_steps if less; it counts samples_per_epoch, limit_train_batches and gradient accumulation), so a
+        cosine reaches its minimum (0) after the last step. ``warmup_epochs`` and the per-epoch ``gamma`` are
+        converted with the steps per epoch.
+        """
         cfg = self.cfg.optim
         params = self.parameters()
         if cfg.name == "adamw":
@@ -147,16 +155,17 @@ class LandmarkModule(L.LightningModule):
             optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-        epochs = self.cfg.trainer.max_epochs
-        warmup = min(cfg.warmup_epochs, epochs - 1)
+        total = int(self.trainer.estimated_stepping_batches)
+        per_epoch = max(math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches), 1)
+        warmup = min(cfg.warmup_epochs * per_epoch, total - 1)
         if cfg.scheduler == "cosine":
-            main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs - warmup, 1))
+            main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
         elif cfg.scheduler == "exponential":
-            main = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
+            main = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma ** (1.0 / per_epoch))
         else:
             main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
         scheduler = main
         if warmup > 0:
             ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
             scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

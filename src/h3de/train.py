@@ -53,12 +53,8 @@ def train(cfg: DictConfig) -> TrainResult:
     checked before the run directory is created.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = LandmarkDataModule(
-        cfg.data,
-        heatmaps=network_spec(cfg.model.name).output == "heatmap",
-        detection=cfg.detection,
-        local=cfg.local,
-    )
+    heatmaps = network_spec(cfg.model.name).output == "heatmap"
+    datamodule = LandmarkDataModule(cfg.data, heatmaps=heatmaps, detection=cfg.detection, local=cfg.local, seed=cfg.seed)
     module = LandmarkModule(to_container(cfg), datamodule.landmark_names)
 
     run_dir = make_run_dir(cfg)
@@ -70,16 +66,23 @@ def train(cfg: DictConfig) -> TrainResult:
         filename="best",
         monitor="val/mre_mm",
         mode="min",
-        save_last=True,
         auto_insert_metric_name=False,
     )
-    callbacks = [checkpoint] + ([LearningRateMonitor("epoch")] if loggers else [])
+    last = ModelCheckpoint(  # every epoch's end, whether val improved or not
+        dirpath=run_dir / "checkpoints",
+        filename="last",
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+    callbacks = [checkpoint, last] + ([LearningRateMonitor("step")] if loggers else [])
     t = cfg.trainer
     trainer = L.Trainer(
         default_root_dir=run_dir,
         logger=loggers or False,
         callbacks=callbacks,
         max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        max_time=t.max_time,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
