@@ -54,7 +54,9 @@ def train(cfg: DictConfig) -> TrainResult:
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     heatmaps = network_spec(cfg.model.name).output == "heatmap"
-    datamodule = LandmarkDataModule(cfg.data, heatmaps=heatmaps, detection=cfg.detection, local=cfg.local, seed=cfg.seed)
+    datamodule = LandmarkDataModule(
+        cfg.data, heatmaps=heatmaps, detection=cfg.detection, local=cfg.local, seed=cfg.seed
+    )
     module = LandmarkModule(to_container(cfg), datamodule.landmark_names)
 
     run_dir = make_run_dir(cfg)

@@ -90,7 +90,8 @@ def test_training_chains_of_coarse_to_fine_and_sliding_window(blob_dataset):
     case = manifest.cases[0]
     names, positions = manifest.landmark_names, manifest.read_case_landmarks(case)
     record = {"image": str(case.image), "landmarks_world": torch.as_tensor(positions)[None], "case_id": case.id}
-    c2f = load_config(None, ["detection.mode=coarse_to_fine", "data.patch_size=[16,16,16]", "local.patch_size=[12,12,12]"])
+    c2f = ["detection.mode=coarse_to_fine", "data.patch_size=[16,16,16]", "local.patch_size=[12,12,12]"]
+    c2f = load_config(None, c2f)
     chain = build_transforms(c2f.data, manifest.mirror_permutation(), True, True, c2f.detection, c2f.local)
     sample = chain(dict(record))
     count = len(names)
