@@ -1,7 +1,7 @@
 """Transform chains from config: deterministic preprocessing (cached), then augmentation, then targets.
 
 load -> RAS -> resample -> normalise -> centre pad/crop     (cached by CacheDataset)
--> [mirror with label swap -> random affine -> intensity]   (training only)
+-> [mirror with label swap -> random affine -> elastic warp -> intensity]   (training only)
 -> world landmarks onto the final voxel grid -> heatmaps -> pack
 """
 
@@ -28,6 +28,7 @@ from monai.transforms import (
 )
 
 from h3de.config import DataConfig
+from h3de.data.elastic import RandElasticPointsd
 from h3de.data.transforms import LandmarkHeatmapd, LandmarkMaskd, PackLandmarkSampled, RandMirrord
 from h3de.errors import DataError
 
@@ -105,7 +106,7 @@ def _normalizer(name: str):
 def _augmentations(cfg: DataConfig, spacing: tuple[float, ...], mirror_permutation: Sequence[int]) -> list:
     aug = cfg.augment
     intensity = aug.intensity_prob
-    return [
+    spatial = [
         RandMirrord("image", ["landmarks_world"], mirror_permutation, prob=aug.flip_prob, spatial_axis=0),
         RandAffined(
             "image",
@@ -116,6 +117,18 @@ def _augmentations(cfg: DataConfig, spacing: tuple[float, ...], mirror_permutati
             mode="bilinear",
             padding_mode="border",
         ),
+    ]
+    if aug.elastic_prob > 0:  # only when on: an extra random transform would reseed the ones after it
+        spatial.append(
+            RandElasticPointsd(
+                "image",
+                ["landmarks_world"],
+                prob=aug.elastic_prob,
+                magnitude_mm=aug.elastic_magnitude_mm,
+                spacing_mm=aug.elastic_spacing_mm,
+            )
+        )
+    return spatial + [
         RandScaleIntensityd("image", factors=aug.intensity_scale, prob=intensity),
         RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=intensity),
         RandGaussianNoised("image", std=aug.noise_std, prob=intensity),
