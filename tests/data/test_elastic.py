@@ -173,3 +173,13 @@ def test_training_chain_packs_landmarks_on_the_deformed_blobs(tmp_path):
     assert (decode_heatmaps(out["heatmap"][None])[0].double() - points).abs().max() < 0.05
     back = voxel_to_world(points, out["affine"])
     assert (back - out["landmarks_world"]).abs().max() < 1e-3  # the packed world landmarks are the moved ones
+
+
+def test_every_image_key_gets_the_same_warp():
+    sample = blob_sample(blob_affine("oblique"))
+    sample["copy"] = sample["image"].clone()
+    both = RandElasticPointsd(["image", "copy"], ["landmarks_world"], 1.0, 14.0, 30.0).set_random_state(4)(sample)
+    alone = strong().set_random_state(4)(sample)
+    assert torch.equal(both["image"], both["copy"]) and torch.equal(both["image"], alone["image"])
+    assert not torch.allclose(both["image"], sample["image"], atol=1e-3)
+    assert torch.equal(both["landmarks_world"], alone["landmarks_world"])

@@ -27,7 +27,7 @@ from monai.utils import convert_to_dst_type
 
 from h3de.geometry import voxel_to_world, world_to_voxel
 
-__all__ = ["BSplineField", "RandElasticPoints", "RandElasticPointsd"]
+__all__ = ["BSplineField", "RandElasticPoints", "RandElasticPointsd", "voxel_sizes", "warp_image"]
 
 
 def cubic_bspline(t: torch.Tensor) -> torch.Tensor:
@@ -152,6 +152,11 @@ class BSplineField:
         return y
 
 
+def voxel_sizes(affine: torch.Tensor) -> tuple[float, float, float]:
+    """Voxel size in mm along each image axis (column norms of a (4, 4) voxel-to-world affine)."""
+    return tuple(float(v) for v in affine[:3, :3].to(torch.float64).norm(dim=0))
+
+
 def warp_image(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Resample ``image`` at ``grid`` (from :meth:`BSplineField.sampling_grid`): trilinear, border padding.
 
@@ -235,11 +240,6 @@ class RandElasticPoints(RandomizableTransform):
         warped = warp_image(img.as_tensor(), self.field.sampling_grid(img.shape[1:]))
         out, *_ = convert_to_dst_type(warped, img)
         return out, [self.move_points(p, affine) for p in points]
-
-
-def voxel_sizes(affine: torch.Tensor) -> tuple[float, float, float]:
-    """Voxel size in mm along each image axis (column norms of a (4, 4) voxel-to-world affine)."""
-    return tuple(float(v) for v in affine[:3, :3].to(torch.float64).norm(dim=0))
 
 
 class RandElasticPointsd(RandomizableTransform, MapTransform):
