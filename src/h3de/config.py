@@ -52,6 +52,12 @@ class AugmentConfig:
     intensity_scale: float = 0.1  # +- relative scale of the normalised intensities
     intensity_shift: float = 0.1  # +- shift of the normalised intensities
     noise_std: float = 0.05  # std of additive Gaussian noise (applied with intensity_prob)
+    # Elastic warp (cubic B-spline field) that moves the landmarks with the anatomy. Off by default (0.0): the
+    # chain is then unchanged. A field whose gradient could reach 0.9 (magnitude above about spacing / 5) is
+    # scaled down, so the warp never folds.
+    elastic_prob: float = 0.0
+    elastic_magnitude_mm: float = 6.0  # control-point displacements uniform in +- this, per axis
+    elastic_spacing_mm: float = 40.0  # between control points: larger is smoother
 
 
 @dataclass
@@ -371,16 +377,22 @@ def validate(cfg: DictConfig) -> None:
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.heatmap_sigma": cfg.data.heatmap_sigma,
+        "data.augment.elastic_spacing_mm": cfg.data.augment.elastic_spacing_mm,
         "optim.lr": cfg.optim.lr,
         "trainer.max_epochs": cfg.trainer.max_epochs,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    for key in ("data.augment.affine_prob", "data.augment.flip_prob", "data.augment.intensity_prob"):
+    probabilities = ("affine_prob", "flip_prob", "intensity_prob", "elastic_prob")
+    for key in (f"data.augment.{name}" for name in probabilities):
         value = OmegaConf.select(cfg, key)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key} must lie in [0, 1], got {value}")
+    if cfg.data.augment.elastic_magnitude_mm < 0:
+        raise ConfigError(
+            f"data.augment.elastic_magnitude_mm must be non-negative, got {cfg.data.augment.elastic_magnitude_mm}"
+        )
     if not 0.0 <= cfg.data.cache_rate <= 1.0:
         raise ConfigError(f"data.cache_rate must lie in [0, 1], got {cfg.data.cache_rate}")
     if cfg.data.samples_per_epoch is not None and cfg.data.samples_per_epoch <= 0:

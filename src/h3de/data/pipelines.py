@@ -3,7 +3,7 @@
 Training:  load -> RAS -> normalise -> resample -> centre pad/crop    (cached by CacheDataset)
            [coarse-to-fine: + local patches from the normalised RAS volume]
            [sliding window: a random patch instead of resample + crop]
-           -> [mirror with label swap -> random affine -> intensity]  (augmented splits only)
+           -> [mirror with label swap -> random affine -> elastic warp -> intensity]  (augmented splits only)
            -> world landmarks onto the final voxel grid -> heatmaps -> pack
 Inference: load -> RAS -> normalise -> resample -> pad to >= patch (whole scan, no ground truth) -> pack
 """
@@ -33,6 +33,7 @@ from monai.transforms import (
 )
 
 from h3de.config import AugmentConfig, DataConfig, DetectionConfig, LocalStageConfig
+from h3de.data.elastic import RandElasticPointsd
 from h3de.data.patches import LocalPatchesd, RandLandmarkPatchd
 from h3de.data.transforms import LandmarkHeatmapd, LandmarkMaskd, PackInferenced, PackLandmarkSampled, RandMirrord
 from h3de.errors import DataError
@@ -187,7 +188,7 @@ def _normalizer(name: str):
 
 def _augmentations(cfg: DataConfig, spacing: tuple[float, ...], mirror_permutation: Sequence[int]) -> list:
     aug = cfg.augment
-    return [
+    spatial = [
         RandMirrord("image", ["landmarks_world"], mirror_permutation, prob=aug.flip_prob, spatial_axis=0),
         RandAffined(
             "image",
@@ -198,8 +199,18 @@ def _augmentations(cfg: DataConfig, spacing: tuple[float, ...], mirror_permutati
             mode="bilinear",
             padding_mode="border",
         ),
-        *_intensity_augmentations(aug, "image"),
     ]
+    if aug.elastic_prob > 0:  # only when on: an extra random transform would reseed the ones after it
+        spatial.append(
+            RandElasticPointsd(
+                "image",
+                ["landmarks_world"],
+                prob=aug.elastic_prob,
+                magnitude_mm=aug.elastic_magnitude_mm,
+                spacing_mm=aug.elastic_spacing_mm,
+            )
+        )
+    return spatial + _intensity_augmentations(aug, "image")
 
 
 def _intensity_augmentations(aug: AugmentConfig, key: str) -> list:
