@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import nibabel as nib
 import torch
 from monai.data import CacheDataset
 from torch.utils.data import DataLoader
 
 from h3de.config import DataConfig
+from h3de.data.images import read_header
 from h3de.data.manifest import Case, Manifest, load_manifest
 from h3de.data.pipelines import build_transforms
 from h3de.errors import DataError, H3deError
@@ -22,16 +22,10 @@ def check_case(manifest: Manifest, case: Case) -> torch.Tensor:
     """Validate one case without reading the voxel data; return its (1, L, 3) world landmarks.
 
     Raises:
-        DataError: unreadable image header, an image that is not 3D, or a landmark file whose names
-            disagree with the manifest.
+        DataError: an image header that :func:`h3de.data.images.read_header` refuses (unreadable, not
+            one 3D volume, bad spacing or affine), or a landmark file whose names disagree with the manifest.
     """
-    try:
-        header_shape = nib.load(case.image).shape
-    except Exception as e:
-        raise DataError(f"{case.image}: cannot read image ({type(e).__name__}: {e})") from None
-    spatial = [s for s in header_shape[3:] if s != 1]
-    if len(header_shape) < 3 or spatial:
-        raise DataError(f"{case.image}: expected a 3D volume, got shape {tuple(header_shape)}")
+    read_header(case.image)
     positions = manifest.read_case_landmarks(case)
     return torch.as_tensor(positions, dtype=torch.float64)[None]
 
