@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning as L
@@ -38,6 +39,39 @@ def _root_cause(error: BaseException) -> BaseException:
             return seen
         seen = seen.__cause__ or seen.__context__
     return error
+
+
+class _CacheDataset(CacheDataset):
+    """``CacheDataset`` whose cache filling stops cleanly at the first failing case.
+
+    MONAI fills the cache in a ``multiprocessing.pool.ThreadPool``, whose exit does not wait for the items
+    in flight: after one case fails, the others keep running in daemon threads. When the interpreter then
+    exits (the CLI returning 2), those threads are torn down inside torch code and the process aborts
+    ("terminate called without an active exception", exit 134). Here pending items are cancelled and
+    running ones finish before the error propagates. A case loaded outside the cache (``cache_rate`` < 1)
+    raises the H3deError behind MONAI's wrapping, as a cached one does.
+    """
+
+    def _fill_cache(self, indices=None) -> list:
+        if self.cache_num <= 0:
+            return []
+        indices = list(range(self.cache_num)) if indices is None else indices
+        with ThreadPoolExecutor(self.num_workers) as pool:
+            futures = [pool.submit(self._load_cache_item, i) for i in indices]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
+    def _transform(self, index: int):
+        try:
+            return super()._transform(index)
+        except Exception as e:
+            cause = _root_cause(e)
+            if cause is e:
+                raise
+            raise cause from None
 
 
 class LandmarkDataModule(L.LightningDataModule):
@@ -104,7 +138,7 @@ class LandmarkDataModule(L.LightningDataModule):
             raise DataError(f"{self.manifest.path}: the '{split}' split has no cases")
         transform = build_transforms(self.cfg, self.manifest.mirror_permutation(), augmented, self.heatmaps)
         try:
-            dataset = CacheDataset(
+            dataset = _CacheDataset(
                 self.records[split],
                 transform,
                 cache_rate=self.cfg.cache_rate,
