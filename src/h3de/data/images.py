@@ -213,4 +213,4 @@ def _checked(path: Path, shape: tuple[int, int, int], affine: np.ndarray) -> Ima
 
 
 def _values(array: np.ndarray) -> str:
-    return np.array2string(np.asarray(array, dtype=np.float64), separator=", ", precision=4, suppress_small=True)
+    return str((np.round(np.asarray(array, dtype=np.float64), 4) + 0.0).tolist())  # one line, no -0.0
