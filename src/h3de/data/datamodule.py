@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,7 +57,7 @@ class _CacheDataset(CacheDataset):
         if self.cache_num <= 0:
             return []
         indices = list(range(self.cache_num)) if indices is None else indices
-        with ThreadPoolExecutor(self.num_workers) as pool:
+        with ThreadPoolExecutor(self.num_workers or os.cpu_count()) as pool:  # as many threads as MONAI
             futures = [pool.submit(self._load_cache_item, i) for i in indices]
             try:
                 return [future.result() for future in futures]

@@ -95,7 +95,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, ImageHeader]:
         with _reading(path), ImageOpener(path) as f:
             nifti = _nifti_header(path, f)
             header = _nifti_geometry(path, nifti)
-            data = np.asarray(nifti.data_from_fileobj(f), dtype=np.float32)
+            data = np.array(nifti.data_from_fileobj(f), dtype=np.float32)  # a copy, not a map of the file
     else:
         with _reading(path):
             data, fields = nrrd.read(str(path), index_order="F")
