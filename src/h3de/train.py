@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,7 @@ from omegaconf import DictConfig
 
 from h3de.config import save_config, to_container
 from h3de.data.datamodule import LandmarkDataModule
+from h3de.errors import H3deError
 from h3de.loggers import build_loggers
 from h3de.module import LandmarkModule
 from h3de.networks import network_spec
@@ -46,11 +49,19 @@ def make_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
+def _remove_untrained_run_dir(run_dir: Path) -> None:
+    """Delete a run directory that holds only what this run wrote before training, and its parent if empty."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        run_dir.parent.rmdir()  # output_dir/name, when this run made it
+
+
 def train(cfg: DictConfig) -> TrainResult:
     """Train the experiment ``cfg`` (a resolved config from :func:`h3de.config.load_config`).
 
     Everything that can fail on user input (manifest, images, landmark files, model arguments) is
-    checked before the run directory is created.
+    checked before the run directory is created. A user-input error raised while fitting, before the
+    first optimiser step, removes the run directory again.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     heatmaps = network_spec(cfg.model.name).output == "heatmap"
@@ -58,6 +69,7 @@ def train(cfg: DictConfig) -> TrainResult:
         cfg.data, heatmaps=heatmaps, detection=cfg.detection, local=cfg.local, seed=cfg.seed
     )
     module = LandmarkModule(to_container(cfg), datamodule.landmark_names)
+    datamodule.setup("fit")  # reads and checks every train and val image before anything is written
 
     run_dir = make_run_dir(cfg)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
@@ -102,7 +114,12 @@ def train(cfg: DictConfig) -> TrainResult:
         enable_progress_bar=t.enable_progress_bar,
         enable_model_summary=False,
     )
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    except H3deError:
+        if trainer.is_global_zero and trainer.global_step == 0:
+            _remove_untrained_run_dir(run_dir)
+        raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     score = checkpoint.best_model_score

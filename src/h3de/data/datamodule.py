@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import lightning as L
-import nibabel as nib
 import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
@@ -18,6 +18,7 @@ from monai.data.utils import set_rnd
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from h3de.config import DataConfig, DetectionConfig, LocalStageConfig
+from h3de.data.images import read_header
 from h3de.data.manifest import Case, Manifest, load_manifest
 from h3de.data.pipelines import build_inference_transforms, build_transforms
 from h3de.errors import DataError, H3deError
@@ -34,16 +35,10 @@ def check_case(manifest: Manifest, case: Case) -> torch.Tensor:
     """Validate one case without reading the voxel data; return its (1, L, 3) world landmarks.
 
     Raises:
-        DataError: unreadable image header, an image that is not 3D, or a landmark file whose names
-            disagree with the manifest.
+        DataError: an image header that :func:`h3de.data.images.read_header` refuses (unreadable, not
+            one 3D volume, bad spacing or affine), or a landmark file whose names disagree with the manifest.
     """
-    try:
-        header_shape = nib.load(case.image).shape
-    except Exception as e:
-        raise DataError(f"{case.image}: cannot read image ({type(e).__name__}: {e})") from None
-    spatial = [s for s in header_shape[3:] if s != 1]
-    if len(header_shape) < 3 or spatial:
-        raise DataError(f"{case.image}: expected a 3D volume, got shape {tuple(header_shape)}")
+    read_header(case.image)
     positions = manifest.read_case_landmarks(case)
     return torch.as_tensor(positions, dtype=torch.float64)[None]
 
@@ -104,6 +99,39 @@ def _init_worker(worker_id: int, rank: int) -> None:
     if int(os.environ.get("PL_SEED_WORKERS", "0")):
         pl_worker_init_function(worker_id, rank)
     _seed_transforms(get_worker_info().dataset, torch.initial_seed(), rank)
+
+
+class _CacheDataset(CacheDataset):
+    """``CacheDataset`` whose cache filling stops cleanly at the first failing case.
+
+    MONAI fills the cache in a ``multiprocessing.pool.ThreadPool``, whose exit does not wait for the items
+    in flight: after one case fails, the others keep running in daemon threads. When the interpreter then
+    exits (the CLI returning 2), those threads are torn down inside torch code and the process aborts
+    ("terminate called without an active exception", exit 134). Here pending items are cancelled and
+    running ones finish before the error propagates. A case loaded outside the cache (``cache_rate`` < 1)
+    raises the H3deError behind MONAI's wrapping, as a cached one does.
+    """
+
+    def _fill_cache(self, indices=None) -> list:
+        if self.cache_num <= 0:
+            return []
+        indices = list(range(self.cache_num)) if indices is None else indices
+        with ThreadPoolExecutor(self.num_workers or os.cpu_count()) as pool:  # as many threads as MONAI
+            futures = [pool.submit(self._load_cache_item, i) for i in indices]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
+    def _transform(self, index: int):
+        try:
+            return super()._transform(index)
+        except Exception as e:
+            cause = _root_cause(e)
+            if cause is e:
+                raise
+            raise cause from None
 
 
 class LandmarkDataModule(L.LightningDataModule):
@@ -189,7 +217,7 @@ class LandmarkDataModule(L.LightningDataModule):
         else:
             transform = build_inference_transforms(self.cfg, self.detection)
         try:
-            dataset = CacheDataset(
+            dataset = _CacheDataset(
                 self.records[split],
                 transform,
                 cache_rate=self.cfg.cache_rate,

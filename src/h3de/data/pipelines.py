@@ -14,12 +14,13 @@ import math
 from collections.abc import Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.transforms import (
     ApplyTransformToPointsd,
     Compose,
     CopyItemsd,
     DeleteItemsd,
-    LoadImaged,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
     RandAffined,
@@ -31,32 +32,40 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+from monai.utils import MetaKeys, SpaceKeys
 
 from h3de.config import AugmentConfig, DataConfig, DetectionConfig, LocalStageConfig
 from h3de.data.elastic import RandElasticPointsd
+from h3de.data.images import read_volume
 from h3de.data.patches import LocalPatchesd, RandLandmarkPatchd
 from h3de.data.transforms import LandmarkHeatmapd, LandmarkMaskd, PackInferenced, PackLandmarkSampled, RandMirrord
-from h3de.errors import DataError
 
 __all__ = ["build_transforms", "build_inference_transforms", "load_and_normalise", "LoadVolumed"]
 
 
-class LoadVolumed(LoadImaged):
-    """``LoadImaged`` (channel first) whose errors name the file, refusing anything but one 3D volume."""
+class LoadVolumed(MapTransform):
+    """Read a NIfTI or NRRD volume, checked by :mod:`h3de.data.images`, as a (1, X, Y, Z) float32 ``MetaTensor``.
 
-    def __init__(self, key: str = "image") -> None:
-        super().__init__(keys=key, image_only=True, ensure_channel_first=True)
-        self.key = key
+    Its affine maps voxel indices to world RAS mm (NRRD spaces converted). Unreadable or truncated files,
+    anything but one 3D volume, bad geometry, NaN/infinite or constant voxels raise a ``DataError``
+    naming the file.
+    """
 
-    def __call__(self, data, reader=None):
-        path = data[self.key]
-        try:
-            out = super().__call__(data, reader)
-        except Exception as e:
-            raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
-        image = out[self.key]
-        if image.ndim != 4 or image.shape[0] != 1:
-            raise DataError(f"{path}: expected a single-channel 3D volume, got array shape {tuple(image.shape)[1:]}")
+    def __init__(self, keys: str = "image") -> None:
+        super().__init__(keys)
+
+    def __call__(self, data: dict) -> dict:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            volume, header = read_volume(out[key])
+            affine = torch.as_tensor(header.affine, dtype=torch.float64)
+            meta = {
+                "filename_or_obj": str(header.path),
+                MetaKeys.ORIGINAL_AFFINE: affine.clone(),
+                MetaKeys.SPATIAL_SHAPE: header.shape,
+                MetaKeys.SPACE: SpaceKeys.RAS,
+            }
+            out[key] = MetaTensor(torch.from_numpy(volume)[None], affine=affine, meta=meta)
         return out
 
 
