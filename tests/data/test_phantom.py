@@ -4,6 +4,7 @@ symmetry."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -36,6 +37,12 @@ def _load(case) -> tuple[np.ndarray, np.ndarray]:
 def _voxel_to_world(index: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """(N, 3) world mm of (N, 3) voxel indices."""
     return index @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _world_to_canonical(spec, world: np.ndarray) -> np.ndarray:
+    """(N, 3) canonical mm of (N, 3) world RAS mm, point by point: ``q = R^T (x - t)``, ``p = q + d(q)``."""
+    q = (world - spec.translation) @ spec.rotation
+    return q + phantom._displacement(spec.warp, q)
 
 
 def _peak_near(image: np.ndarray, affine: np.ndarray, point: np.ndarray, radius: float) -> float:
@@ -91,6 +98,31 @@ def test_stored_intensities_are_the_rendered_floats_exactly(dataset):
         assert by_loader.dtype == torch.float32 and by_loader.shape == (1, *rendered.shape)
         np.testing.assert_array_equal(by_loader[0].numpy(), rendered)
         assert np.ptp(rendered) > 1.0 and len(np.unique(rendered)) > 100
+
+
+def test_rendering_in_blocks_matches_rendering_points():
+    """The image path renders only voxel blocks that layers reach; point by point it must agree."""
+    spec = dataclasses.replace(phantom._sample_case(SEED, 2, 5.0), scale=1.0, bias_amplitude=0.0, noise_sd=0.0)
+    image = phantom._render_image(spec, chunk_voxels=3000)
+    world = _voxel_to_world(np.indices(spec.shape).reshape(3, -1).T, spec.affine)
+    tissue = phantom._render_canonical(spec.anatomy, _world_to_canonical(spec, world)).reshape(spec.shape)
+    np.testing.assert_allclose(image, tissue, rtol=0, atol=0.5 / 1024 + 1e-6)
+    assert (tissue == 0).mean() > 0.3 and tissue.max() > 1.0  # air around the head, and bone and teeth
+
+
+def test_voxel_blocks_hold_every_voxel_a_layer_reaches():
+    spec = phantom._sample_case(SEED, 4, 2.0)  # fine voxels: a block a few voxels short would miss some
+    index = np.indices(spec.shape).reshape(3, -1).T
+    p = _world_to_canonical(spec, _voxel_to_world(index, spec.affine))
+    block, bias = phantom._block_positions(spec, np.zeros(3, int), np.array(spec.shape))
+    np.testing.assert_allclose(np.stack([c.ravel() for c in block], axis=1), p, atol=1e-4)
+    assert bias.shape == spec.shape and 0.79 < bias.min() < bias.max() < 1.21
+    reach = phantom._REACH_MM
+    for (lo, hi), _, _ in phantom._layers(spec.anatomy):
+        first, last = phantom._voxel_box(spec, lo - reach, hi + reach)
+        near = np.all((p >= lo - reach) & (p <= hi + reach), axis=1)  # the voxels the layer may change
+        in_block = np.all((index >= first) & (index < last), axis=1)
+        assert near.any() and not (near & ~in_block).any()
 
 
 def test_rendering_does_not_depend_on_the_chunk_size():
@@ -194,7 +226,7 @@ def test_head_lies_inside_the_field_of_view():
     for index in range(20):
         spec = phantom._sample_case(3, index, 6.0)
         world = _voxel_to_world(np.indices(spec.shape).reshape(3, -1).T, spec.affine)
-        tissue = phantom._render_canonical(spec.anatomy, phantom._world_to_canonical(spec, world))
+        tissue = phantom._render_canonical(spec.anatomy, _world_to_canonical(spec, world))
         tissue = tissue.reshape(spec.shape)
         faces = [tissue[0], tissue[-1], tissue[:, 0], tissue[:, -1], tissue[:, :, 0], tissue[:, :, -1]]
         assert max(f.max() for f in faces) < 0.02, f"case {index}: the head touches the border"
@@ -224,7 +256,7 @@ def test_stored_landmarks_map_back_onto_the_canonical_features(dataset):
         world = phantom._world_landmarks(spec)
         present = ~np.isnan(stored).any(axis=1)
         np.testing.assert_allclose(stored[present], world[present], atol=1e-9)
-        canonical = phantom._world_to_canonical(spec, world)
+        canonical = _world_to_canonical(spec, world)
         np.testing.assert_allclose(canonical, phantom._canonical_landmarks(spec.anatomy), atol=1e-6)
 
 

@@ -19,8 +19,9 @@ Per case, all drawn from ``numpy.random.default_rng([seed, index])``:
   axial, coronal and sagittal permutations).
 - intensity: global scale (x0.7-1.4), a smooth multiplicative bias field (0.8-1.2) and Gaussian noise
   (sd 0.01-0.03), stored exactly as int16 multiples of 1/1024 (NIfTI ``scl_slope``).
-- split: train/val/test by the configured fractions, stratified so that every split of >= 2 cases
-  holds a case with missing teeth when there are enough of them.
+
+Splits follow the configured fractions, stratified by missing teeth: every split of >= 2 cases holds a
+case with missing teeth when there are enough of them.
 
 A voxel's intensity is rendered at its world position ``x = affine @ [i, j, k, 1]``:
 ``q = R^T (x - t)``, ``p = q + d(q)``, ``image = scale * bias(x) * tissue(p) + noise``. A canonical
@@ -166,12 +167,14 @@ def generate_phantom(
     Writes ``images/case_<index>.nii.gz`` (int16 with ``scl_slope`` 1/1024: readers get the float
     intensities back exactly), ``landmarks/case_<index>.mrk.json`` (RAS world mm, absent landmarks
     "missing") and, last, ``dataset.json``; an existing ``dataset.json`` is removed first, so one exists
-    only when every case is written. Case ``i`` depends only on ``(seed, i)`` and ``voxel_mm``, never
-    on ``workers``.
+    only when every case is written. The image and landmarks of case ``i`` depend only on ``(seed, i)``
+    and ``voxel_mm``, never on ``workers``; the splits only on ``(seed, num_cases, split_fractions)``.
 
-    Cost per case at 1 mm (262 x 262 x 157 voxels) on one busy core: about 3-4 s to render and 2 s to
-    compress, 12.6 MB on disk; ``h3de data phantom --out DIR --voxel-mm 1.0 --workers 2`` wrote the
-    default 40 cases (500 MB) in about 2 minutes. The default 3 mm takes about 0.3 s and 0.5 MB a case.
+    Cost: at 1 mm a case has about 262 x 262 x 157 voxels and takes about 2.3 s of CPU (rendering in
+    slabs, about 0.2 GB of memory per process, then gzip) and 10.4 MB; ``h3de data phantom --out DIR
+    --voxel-mm 1.0 --workers 2`` wrote the 40 default cases (415 MB) with 93 s of CPU, in 4 min 49 s
+    on 2 cores shared with other jobs (under a minute of CPU per core). The default 3 mm takes about
+    0.15 s and 0.4 MB a case.
 
     Args:
         out_dir: output folder, created if needed.
@@ -179,7 +182,8 @@ def generate_phantom(
         num_cases: number of cases, >= 3 so every split gets one.
         voxel_mm: in-plane voxel spacing in mm (jittered +-10 % per case; slices are 1.5x thicker).
         split_fractions: positive (train, val, test) fractions summing to 1; every split gets at least
-            one case, and see :func:`_assign_splits` for which.
+            one case, and every split of >= 2 cases at least one with missing teeth and one without,
+            as far as the cases allow (train first, then test, then val).
         workers: number of processes rendering cases in parallel (1: in this process).
 
     Returns:
@@ -470,12 +474,6 @@ def _unwarp(warp: _Warp, c: np.ndarray, iterations: int = 30) -> np.ndarray:
     residual = np.abs(q + _displacement(warp, q) - c).max(initial=0.0)
     assert residual < 1e-6, f"warp inversion did not converge (residual {residual} mm)"
     return q
-
-
-def _world_to_canonical(spec: _CaseSpec, world: np.ndarray) -> np.ndarray:
-    """Map (N, 3) world RAS mm to the canonical frame: ``q = R^T (x - t)``, ``p = q + d(q)``."""
-    q = _dot(world - spec.translation, spec.rotation)
-    return q + _displacement(spec.warp, q)
 
 
 def _world_landmarks(spec: _CaseSpec) -> np.ndarray:
