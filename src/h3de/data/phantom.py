@@ -533,18 +533,17 @@ def _render_image(spec: _CaseSpec, chunk_voxels: int = _CHUNK_VOXELS) -> np.ndar
     for start in range(0, spec.shape[0], step):
         stop = min(start + step, spec.shape[0])
         slab = noise.normal(0.0, spec.noise_sd, (stop - start, *spec.shape[1:]))  # (S, J, K)
-        clipped = [(np.maximum(lo, [start, 0, 0]), np.minimum(hi, [stop, *spec.shape[1:]])) for lo, hi in boxes]
-        reached = [(i, lo, hi) for i, (lo, hi) in enumerate(clipped) if np.all(lo < hi)]
-        if reached:
-            lo = np.min([lo for _, lo, _ in reached], axis=0)
-            hi = np.max([hi for _, _, hi in reached], axis=0)
-            block = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, (start, 0, 0), strict=True))
-            p, bias = _block_positions(spec, lo, hi)
-            tissue = np.zeros(hi - lo, dtype=np.float32)
-            for i, box_lo, box_hi in reached:
-                (layer_lo, layer_hi), signed_distance, intensity = layers[i]
-                sub = tuple(slice(a, b) for a, b in zip(box_lo - lo, box_hi - lo, strict=True))
-                _paint(tissue[sub], [c[sub] for c in p], layer_lo, layer_hi, signed_distance, intensity)
+        clipped = [(np.maximum(a, [start, 0, 0]), np.minimum(b, [stop, *spec.shape[1:]])) for a, b in boxes]
+        reached = [(layer, a, b) for layer, (a, b) in zip(layers, clipped, strict=True) if np.all(a < b)]
+        if reached:  # render the block [first, last) around every reached layer's voxels
+            first = np.min([a for _, a, _ in reached], axis=0)
+            last = np.max([b for _, _, b in reached], axis=0)
+            p, bias = _block_positions(spec, first, last)
+            tissue = np.zeros(last - first, dtype=np.float32)
+            for ((lo, hi), signed_distance, intensity), a, b in reached:
+                sub = tuple(slice(i, j) for i, j in zip(a - first, b - first, strict=True))
+                _paint(tissue[sub], [c[sub] for c in p], lo, hi, signed_distance, intensity)
+            block = tuple(slice(i - o, j - o) for i, j, o in zip(first, last, (start, 0, 0), strict=True))
             slab[block] += spec.scale * bias * tissue
         image[start:stop] = np.round(slab / _QUANTUM) * _QUANTUM
     return image
@@ -582,16 +581,16 @@ def _block_positions(spec: _CaseSpec, lo: np.ndarray, hi: np.ndarray) -> tuple[l
         return (coefficients[0] * grid[0] + coefficients[1] * grid[1]) + (coefficients[2] * grid[2] + constant)
 
     matrix, offset = _voxel_to_q(spec)
-    q = [linear(matrix[c], offset[c]) for c in range(3)]
+    p = [linear(matrix[c], offset[c]) for c in range(3)]  # q so far
     warp = spec.warp
-    for wave in range(len(warp.phases)):  # p = q + d(q); the phase is linear in the voxel index too
+    for wave in range(len(warp.phases)):  # p = q + d(q); each sinusoid's phase is linear in the index too
         wavevector = warp.wavevectors[wave]
         wave_sin = np.sin(linear(wavevector @ matrix, wavevector @ offset + warp.phases[wave]))
         for c in range(3):
-            q[c] += warp.amplitudes[wave, c] * wave_sin
-    world = spec.affine[:3, :3].T @ spec.bias_wavevector, spec.affine[:3, 3] @ spec.bias_wavevector
-    bias = 1.0 + spec.bias_amplitude * np.sin(linear(world[0], world[1] + spec.bias_phase))
-    return [c.astype(np.float32) for c in q], bias
+            p[c] += warp.amplitudes[wave, c] * wave_sin
+    linear_world, world_offset = spec.affine[:3, :3], spec.affine[:3, 3]  # the bias is a sinusoid of x
+    bias_phase = linear(spec.bias_wavevector @ linear_world, spec.bias_wavevector @ world_offset + spec.bias_phase)
+    return [c.astype(np.float32) for c in p], 1.0 + spec.bias_amplitude * np.sin(bias_phase)
 
 
 def _render_canonical(anatomy: _Anatomy, points: np.ndarray) -> np.ndarray:
