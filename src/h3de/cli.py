@@ -4,7 +4,7 @@ h3de train [EXPERIMENT.yaml] [key=value ...]
 h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--presence-threshold P]
 h3de predict CHECKPOINT IMAGE_OR_FOLDER --out DIR [--format mrk.json|fcsv|csv|json] [--qc] [--truth PATH]
 h3de profile MODEL [MODEL ...] [--input D,H,W] [key=value ...]
-h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0]
+h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0] [--workers 1]
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     phantom.add_argument("--seed", type=int, default=0)
     phantom.add_argument("--cases", type=int, default=40, help="number of cases")
     phantom.add_argument("--voxel-mm", type=float, default=3.0, help="in-plane voxel size in mm")
+    phantom.add_argument("--workers", type=int, default=1, help="processes rendering cases in parallel")
     return parser
 
 
@@ -167,7 +168,9 @@ def _phantom(args: argparse.Namespace) -> None:
     from h3de.data.phantom import generate_phantom
 
     try:
-        manifest = generate_phantom(args.out, seed=args.seed, num_cases=args.cases, voxel_mm=args.voxel_mm)
+        manifest = generate_phantom(
+            args.out, seed=args.seed, num_cases=args.cases, voxel_mm=args.voxel_mm, workers=args.workers
+        )
     except ValueError as e:
         raise H3deError(str(e)) from None
     counts = {s: len(manifest.split(s)) for s in ("train", "val", "test")}

@@ -18,7 +18,10 @@ Per case, all drawn from ``numpy.random.default_rng([seed, index])``:
   view placed at a random offset around the head, and one of eight storage orientations (RAS, LPS,
   axial, coronal and sagittal permutations).
 - intensity: global scale (x0.7-1.4), a smooth multiplicative bias field (0.8-1.2) and Gaussian noise
-  (sd 0.01-0.03), stored in steps of 1/1024.
+  (sd 0.01-0.03), stored exactly as int16 multiples of 1/1024 (NIfTI ``scl_slope``).
+
+Splits follow the configured fractions, stratified by missing teeth: every split of >= 2 cases holds a
+case with missing teeth when there are enough of them.
 
 A voxel's intensity is rendered at its world position ``x = affine @ [i, j, k, 1]``:
 ``q = R^T (x - t)``, ``p = q + d(q)``, ``image = scale * bias(x) * tissue(p) + noise``. A canonical
@@ -29,10 +32,13 @@ rendered features. Tissue is point-sampled with soft (~1 mm) edges, so at coarse
 
 from __future__ import annotations
 
+import functools
 import math
+import multiprocessing
 import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,13 +66,14 @@ PHANTOM_LANDMARKS = (
 )
 PHANTOM_MIRRORED_PAIRS = (("orbit_L", "orbit_R"), ("ear_L", "ear_R"), ("tooth_L", "tooth_R"))
 
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2  # 2: splits stratified by missing teeth; int16 storage (same values)
 _ABSENT_PROBABILITY = 0.2
 _FOV_MM = 240.0  # voxel centres span at least this along every axis
-_QUANTUM = 1 / 1024  # intensities are stored in these steps, like a scanner's integers (halves the files)
+_QUANTUM = 1 / 1024  # intensities are int16 multiples of this on disk, like a scanner's integers
 _SLICE_FACTOR = 1.5
 _EDGE_MM = 0.75  # sigmoid scale of the soft tissue boundaries
 _REACH_MM = 12.0  # beyond this distance from its bounding box a layer changes nothing
+_CHUNK_VOXELS = 1 << 18  # voxels rendered at a time (whole slices): bounds memory, never changes the image
 _ORIENTATIONS = ("RAS", "LPS", "LAS", "RPI", "LSA", "PSR", "ASL", "IRP")
 _AXIS_OF_LETTER = {
     "R": (0, 1.0),
@@ -153,21 +160,31 @@ def generate_phantom(
     num_cases: int = 40,
     voxel_mm: float = 3.0,
     split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    workers: int = 1,
 ) -> Manifest:
     """Generate the phantom dataset and its manifest.
 
-    Writes ``images/case_<index>.nii.gz`` (float32), ``landmarks/case_<index>.mrk.json`` (RAS world mm,
-    absent landmarks "missing") and, last, ``dataset.json``; an existing ``dataset.json`` is removed
-    first, so one exists only when every case is written. Case ``i`` depends only on ``(seed, i)``
-    and ``voxel_mm``.
+    Writes ``images/case_<index>.nii.gz`` (int16 with ``scl_slope`` 1/1024: readers get the float
+    intensities back exactly), ``landmarks/case_<index>.mrk.json`` (RAS world mm, absent landmarks
+    "missing") and, last, ``dataset.json``; an existing ``dataset.json`` is removed first, so one exists
+    only when every case is written. The image and landmarks of case ``i`` depend only on ``(seed, i)``
+    and ``voxel_mm``, never on ``workers``; the splits only on ``(seed, num_cases, split_fractions)``.
+
+    Cost: at 1 mm a case has about 262 x 262 x 157 voxels and takes about 2.3 s of CPU (rendering in
+    slabs, about 0.2 GB of memory per process, then gzip) and 10.4 MB; ``h3de data phantom --out DIR
+    --voxel-mm 1.0 --workers 2`` wrote the 40 default cases (415 MB) with 93 s of CPU, in 4 min 49 s
+    on 2 cores shared with other jobs (under a minute of CPU per core). The default 3 mm takes about
+    0.15 s and 0.4 MB a case.
 
     Args:
         out_dir: output folder, created if needed.
         seed: non-negative random seed.
         num_cases: number of cases, >= 3 so every split gets one.
         voxel_mm: in-plane voxel spacing in mm (jittered +-10 % per case; slices are 1.5x thicker).
-        split_fractions: positive (train, val, test) fractions summing to 1; cases are assigned in
-            order, every split gets at least one.
+        split_fractions: positive (train, val, test) fractions summing to 1; every split gets at least
+            one case, and every split of >= 2 cases at least one with missing teeth and one without,
+            as far as the cases allow (train first, then test, then val).
+        workers: number of processes rendering cases in parallel (1: in this process).
 
     Returns:
         The manifest as loaded back from ``dataset.json``.
@@ -175,21 +192,19 @@ def generate_phantom(
     Raises:
         ValueError: naming the invalid argument.
     """
-    fractions = _check_arguments(seed, num_cases, voxel_mm, split_fractions)
+    fractions = _check_arguments(seed, num_cases, voxel_mm, split_fractions, workers)
     out = Path(out_dir).resolve()
     manifest_path = out / "dataset.json"
     manifest_path.unlink(missing_ok=True)
-    cases = []
-    for index, split in enumerate(_assign_splits(num_cases, fractions)):
-        case_id = f"case_{index:03d}"
-        spec = _sample_case(seed, index, voxel_mm)
-        image_path, landmark_path = (
-            out / "images" / f"{case_id}.nii.gz",
-            out / "landmarks" / f"{case_id}.mrk.json",
-        )
-        _save_image(image_path, _render_image(spec), spec.affine)
-        write_landmarks(landmark_path, list(PHANTOM_LANDMARKS), _case_landmarks(spec))
-        cases.append(Case(case_id, image_path, landmark_path, split))
+    splits = _plan_splits(seed, num_cases, fractions)
+    write = functools.partial(_write_case, out, seed, voxel_mm=voxel_mm)
+    if workers == 1:
+        written = [write(index) for index in range(num_cases)]
+    else:
+        context = multiprocessing.get_context("spawn")  # no fork: the caller may hold threads (torch)
+        with ProcessPoolExecutor(min(workers, num_cases), mp_context=context) as pool:
+            written = list(pool.map(write, range(num_cases)))
+    cases = [Case(*files, split) for files, split in zip(written, splits, strict=True)]
     generator = {
         "seed": int(seed),
         "num_cases": int(num_cases),
@@ -210,7 +225,17 @@ def generate_phantom(
     return load_manifest(manifest_path)
 
 
-def _check_arguments(seed, num_cases, voxel_mm, split_fractions) -> tuple[float, float, float]:
+def _write_case(out: Path, seed: int, index: int, voxel_mm: float) -> tuple[str, Path, Path]:
+    """Render case ``index`` and write its image and landmarks; return (case id, image path, landmark path)."""
+    case_id = f"case_{index:03d}"
+    spec = _sample_case(seed, index, voxel_mm)
+    image_path, landmark_path = out / "images" / f"{case_id}.nii.gz", out / "landmarks" / f"{case_id}.mrk.json"
+    _save_image(image_path, _render_image(spec), spec.affine)
+    write_landmarks(landmark_path, list(PHANTOM_LANDMARKS), _case_landmarks(spec))
+    return case_id, image_path, landmark_path
+
+
+def _check_arguments(seed, num_cases, voxel_mm, split_fractions, workers) -> tuple[float, float, float]:
     """Validate ``generate_phantom``'s arguments; return the split fractions as floats."""
     if not _is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -218,6 +243,8 @@ def _check_arguments(seed, num_cases, voxel_mm, split_fractions) -> tuple[float,
         raise ValueError(f"num_cases must be an integer >= 3 so every split gets a case, got {num_cases!r}")
     if not _is_real(voxel_mm) or voxel_mm <= 0:
         raise ValueError(f"voxel_mm must be a positive number of mm, got {voxel_mm!r}")
+    if not _is_integer(workers) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     fractions = tuple(split_fractions)
     if (
         len(fractions) != len(SPLITS)
@@ -238,8 +265,14 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _assign_splits(num_cases: int, fractions: tuple[float, float, float]) -> list[str]:
-    """Split names of the cases in order: counts nearest ``num_cases * fractions``, each >= 1."""
+def _plan_splits(seed: int, num_cases: int, fractions: tuple[float, float, float]) -> list[str]:
+    """Split name of every case, from the cases' missing teeth alone (nothing is rendered)."""
+    absent = [not all(_sample_anatomy(np.random.default_rng([seed, i])).canines) for i in range(num_cases)]
+    return _assign_splits(absent, fractions)
+
+
+def _split_counts(num_cases: int, fractions: tuple[float, float, float]) -> np.ndarray:
+    """(3,) int cases per split: nearest ``num_cases * fractions``, each >= 1."""
     ideal = np.asarray(fractions) * num_cases
     counts = np.maximum(np.floor(ideal), 1).astype(int)
     while counts.sum() < num_cases:
@@ -247,7 +280,40 @@ def _assign_splits(num_cases: int, fractions: tuple[float, float, float]) -> lis
     while counts.sum() > num_cases:
         over = np.where(counts > 1, counts - ideal, -np.inf)
         counts[np.argmax(over)] -= 1
-    return [split for split, count in zip(SPLITS, counts, strict=True) for _ in range(count)]
+    return counts
+
+
+def _assign_splits(absent: Sequence[bool], fractions: tuple[float, float, float]) -> list[str]:
+    """Split name of every case, stratified by whether the case misses a landmark.
+
+    Split sizes are :func:`_split_counts`. The cases missing landmarks are shared out in proportion to
+    the split sizes, except that every split of >= 2 cases gets at least one of them and keeps at least
+    one complete case, as far as the cases allow (train first, then test, then val). Within each
+    stratum cases go to train, val, test in index order, so the result follows from the seed.
+
+    Args:
+        absent: per case, whether it misses a landmark.
+        fractions: (train, val, test) fractions summing to 1.
+
+    Returns:
+        One split name per case, in case order.
+    """
+    counts = _split_counts(len(absent), fractions)
+    num_absent = int(sum(absent))
+    quota = np.zeros(len(SPLITS), dtype=int)  # absent cases per split
+    for s in (SPLITS.index(name) for name in ("train", "test", "val")):
+        if counts[s] >= 2 and quota.sum() < num_absent:
+            quota[s] = 1
+    ideal = num_absent * counts / counts.sum()
+    keep_complete = np.where(counts >= 2, 1, 0)
+    while quota.sum() < num_absent:
+        room = quota < counts - keep_complete
+        if not room.any():  # too few complete cases to keep one in every split
+            room = quota < counts
+        quota[np.argmax(np.where(room, ideal - quota, -np.inf))] += 1
+    queues = {True: [s for s, n in enumerate(quota) for _ in range(n)]}
+    queues[False] = [s for s, n in enumerate(counts - quota) for _ in range(n)]
+    return [SPLITS[queues[bool(a)].pop(0)] for a in absent]
 
 
 # ----------------------------------------------------------------------------- sampling a case
@@ -410,12 +476,6 @@ def _unwarp(warp: _Warp, c: np.ndarray, iterations: int = 30) -> np.ndarray:
     return q
 
 
-def _world_to_canonical(spec: _CaseSpec, world: np.ndarray) -> np.ndarray:
-    """Map (N, 3) world RAS mm to the canonical frame: ``q = R^T (x - t)``, ``p = q + d(q)``."""
-    q = _dot(world - spec.translation, spec.rotation)
-    return q + _displacement(spec.warp, q)
-
-
 def _world_landmarks(spec: _CaseSpec) -> np.ndarray:
     """(L, 3) world RAS mm of every landmark, including where absent ones would be."""
     q = _unwarp(spec.warp, _canonical_landmarks(spec.anatomy))
@@ -456,16 +516,81 @@ def _canonical_landmarks(anatomy: _Anatomy) -> np.ndarray:
 # ----------------------------------------------------------------------------- rendering
 
 
-def _render_image(spec: _CaseSpec) -> np.ndarray:
+def _render_image(spec: _CaseSpec, chunk_voxels: int = _CHUNK_VOXELS) -> np.ndarray:
     """The case's float32 volume of ``spec.shape``: the tissue at each voxel's world position, scaled,
-    biased, noisy and quantised."""
-    index = np.indices(spec.shape).reshape(3, -1).T.astype(float)
-    world = _dot(index, spec.affine[:3, :3].T) + spec.affine[:3, 3]  # (N, 3)
-    tissue = _render_canonical(spec.anatomy, _world_to_canonical(spec, world))
-    bias = 1.0 + spec.bias_amplitude * np.sin(_dot(world, spec.bias_wavevector) + spec.bias_phase)
-    noise = np.random.default_rng(spec.noise_seed).normal(0.0, spec.noise_sd, len(world))
-    image = spec.scale * bias * tissue + noise
-    return (np.round(image / _QUANTUM) * _QUANTUM).astype(np.float32).reshape(spec.shape)
+    biased, noisy and quantised.
+
+    Rendered in slabs of whole slices along the first voxel axis, about ``chunk_voxels`` voxels each, to
+    bound memory; within a slab, tissue is computed only in the voxel block that some layer can reach.
+    Every voxel's value depends only on the voxel, so the result does not depend on ``chunk_voxels``.
+    """
+    layers = list(_layers(spec.anatomy))
+    boxes = [_voxel_box(spec, lo - _REACH_MM, hi + _REACH_MM) for (lo, hi), _, _ in layers]
+    noise = np.random.default_rng(spec.noise_seed)
+    image = np.empty(spec.shape, dtype=np.float32)
+    slices = spec.shape[1] * spec.shape[2]
+    step = max(1, chunk_voxels // slices)
+    for start in range(0, spec.shape[0], step):
+        stop = min(start + step, spec.shape[0])
+        slab = noise.normal(0.0, spec.noise_sd, (stop - start, *spec.shape[1:]))  # (S, J, K)
+        clipped = [(np.maximum(a, [start, 0, 0]), np.minimum(b, [stop, *spec.shape[1:]])) for a, b in boxes]
+        reached = [(layer, a, b) for layer, (a, b) in zip(layers, clipped, strict=True) if np.all(a < b)]
+        if reached:  # render the block [first, last) around every reached layer's voxels
+            first = np.min([a for _, a, _ in reached], axis=0)
+            last = np.max([b for _, _, b in reached], axis=0)
+            p, bias = _block_positions(spec, first, last)
+            tissue = np.zeros(last - first, dtype=np.float32)
+            for ((lo, hi), signed_distance, intensity), a, b in reached:
+                sub = tuple(slice(i, j) for i, j in zip(a - first, b - first, strict=True))
+                _paint(tissue[sub], [c[sub] for c in p], lo, hi, signed_distance, intensity)
+            block = tuple(slice(i - o, j - o) for i, j, o in zip(first, last, (start, 0, 0), strict=True))
+            slab[block] += spec.scale * bias * tissue
+        image[start:stop] = np.round(slab / _QUANTUM) * _QUANTUM
+    return image
+
+
+def _voxel_box(spec: _CaseSpec, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel index block ``[lo, hi)`` (each (3,) int, clipped to the grid) holding every voxel whose
+    canonical position ``p`` can lie in the canonical box [lo, hi] (mm)."""
+    reach = np.abs(spec.warp.amplitudes).sum(axis=0)  # (3,) bound of |d(q)| per axis, so q is in this box:
+    low, high = lo - reach, hi + reach
+    corners = np.array([[(low, high)[bit >> c & 1][c] for c in range(3)] for bit in range(8)])  # (8, 3) mm
+    linear, offset = _voxel_to_q(spec)
+    index = np.linalg.solve(linear, (corners - offset).T).T  # (8, 3) voxel indices of the corners
+    first = np.clip(np.floor(index.min(axis=0)) - 1, 0, spec.shape).astype(int)
+    last = np.clip(np.ceil(index.max(axis=0)) + 2, 0, spec.shape).astype(int)
+    return first, last
+
+
+def _voxel_to_q(spec: _CaseSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(3, 3) matrix and (3,) offset (mm) mapping voxel indices to unwarped canonical ``q = R^T (x - t)``."""
+    return spec.rotation.T @ spec.affine[:3, :3], spec.rotation.T @ (spec.affine[:3, 3] - spec.translation)
+
+
+def _block_positions(spec: _CaseSpec, lo: np.ndarray, hi: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Canonical positions and bias field of the voxel block ``[lo, hi)``.
+
+    Returns:
+        ``[px, py, pz]``, each float32 of the block's shape (mm), and the float64 bias field of that shape.
+    """
+    axes = [np.arange(a, b, dtype=float) for a, b in zip(lo, hi, strict=True)]
+    grid = (axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :])
+
+    def linear(coefficients: np.ndarray, constant: float) -> np.ndarray:
+        """``coefficients . index + constant`` over the block: (I, J, K) float64."""
+        return (coefficients[0] * grid[0] + coefficients[1] * grid[1]) + (coefficients[2] * grid[2] + constant)
+
+    matrix, offset = _voxel_to_q(spec)
+    p = [linear(matrix[c], offset[c]) for c in range(3)]  # q so far
+    warp = spec.warp
+    for wave in range(len(warp.phases)):  # p = q + d(q); each sinusoid's phase is linear in the index too
+        wavevector = warp.wavevectors[wave]
+        wave_sin = np.sin(linear(wavevector @ matrix, wavevector @ offset + warp.phases[wave]))
+        for c in range(3):
+            p[c] += warp.amplitudes[wave, c] * wave_sin
+    linear_world, world_offset = spec.affine[:3, :3], spec.affine[:3, 3]  # the bias is a sinusoid of x
+    bias_phase = linear(spec.bias_wavevector @ linear_world, spec.bias_wavevector @ world_offset + spec.bias_phase)
+    return [c.astype(np.float32) for c in p], 1.0 + spec.bias_amplitude * np.sin(bias_phase)
 
 
 def _render_canonical(anatomy: _Anatomy, points: np.ndarray) -> np.ndarray:
@@ -482,10 +607,36 @@ def _render_canonical(anatomy: _Anatomy, points: np.ndarray) -> np.ndarray:
     p = np.ascontiguousarray(points, dtype=np.float32)
     value = np.zeros(len(p), dtype=np.float32)
     for (lo, hi), signed_distance, intensity in _layers(anatomy):
-        near = np.flatnonzero(_in_box(p, lo - _REACH_MM, hi + _REACH_MM))
-        mask = 0.5 - 0.5 * np.tanh(signed_distance(p[near]) / np.float32(2 * _EDGE_MM))
-        value[near] += mask * (np.float32(intensity) - value[near])
+        _paint(value, list(p.T), lo, hi, signed_distance, intensity)
     return value
+
+
+def _paint(
+    value: np.ndarray,
+    p: list[np.ndarray],
+    lo: np.ndarray,
+    hi: np.ndarray,
+    signed_distance: _SignedDistance,
+    intensity: float,
+) -> None:
+    """Paint one layer in place: ``value += mask * (intensity - value)`` with the soft inside mask.
+
+    Args:
+        value: float32 tissue array of any shape (a view is fine), changed in place.
+        p: three float32 arrays of ``value``'s shape, the canonical x, y, z (mm) of its entries.
+        lo, hi: (3,) the layer's bounding box (mm); only entries within ``_REACH_MM`` of it change.
+        signed_distance: the layer's signed distance (mm, negative inside).
+        intensity: the layer's tissue intensity.
+    """
+    near = (p[0] >= lo[0] - _REACH_MM) & (p[0] <= hi[0] + _REACH_MM)
+    for c in (1, 2):
+        near &= (p[c] >= lo[c] - _REACH_MM) & (p[c] <= hi[c] + _REACH_MM)
+    if not near.any():
+        return
+    points = np.stack([c[near] for c in p], axis=1)  # (M, 3), contiguous
+    mask = 0.5 - 0.5 * np.tanh(signed_distance(points) / np.float32(2 * _EDGE_MM))
+    before = value[near]
+    value[near] = before + mask * (np.float32(intensity) - before)
 
 
 def _layers(a: _Anatomy) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], _SignedDistance, float]]:
@@ -551,12 +702,6 @@ def _bounds(points: list[np.ndarray], pad) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned box (lo, hi), each (3,) mm, around ``points`` padded by ``pad`` (scalar or (3,))."""
     points = np.asarray(points, dtype=float)
     return points.min(axis=0) - pad, points.max(axis=0) + pad
-
-
-def _in_box(p: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """(N,) bool: which of the (N, 3) points lie inside the box [lo, hi]."""
-    x, y, z = p.T
-    return (x >= lo[0]) & (x <= hi[0]) & (y >= lo[1]) & (y <= hi[1]) & (z >= lo[2]) & (z <= hi[2])
 
 
 def _mirror(points: np.ndarray) -> np.ndarray:
@@ -667,8 +812,18 @@ def _sd_cone(p: np.ndarray, apex: np.ndarray, base: np.ndarray, radius: float) -
 
 
 def _save_image(path: Path, image: np.ndarray, affine: np.ndarray) -> None:
-    """Write a float32 NIfTI atomically with qform = sform = ``affine`` (code 1, scanner) in mm."""
-    nifti = nib.Nifti1Image(image, affine)
+    """Write a NIfTI atomically: int16 multiples of ``_QUANTUM`` with ``scl_slope = _QUANTUM``, so readers
+    get ``image`` back exactly, and qform = sform = ``affine`` (code 1, scanner) in mm.
+
+    Args:
+        path: ``.nii.gz`` file to write.
+        image: float32 volume whose values are multiples of ``_QUANTUM`` within the int16 range.
+        affine: (4, 4) voxel -> world RAS mm.
+    """
+    quanta = np.rint(image / np.float32(_QUANTUM))
+    assert np.abs(quanta).max(initial=0) <= np.iinfo(np.int16).max, "intensity beyond the int16 range"
+    nifti = nib.Nifti1Image(quanta.astype(np.int16), affine)
+    nifti.header.set_slope_inter(_QUANTUM, 0.0)
     nifti.set_qform(affine, code=1)
     nifti.set_sform(affine, code=1)
     nifti.header.set_xyzt_units("mm")
