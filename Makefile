@@ -6,11 +6,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg constraints.txt | cksum | cut -d' ' -f1)
 PHANTOM := data/phantom
+PHANTOM_FINE := data/phantom_1mm
+# regenerate the phantoms when the generator changes them (src/h3de/data/phantom.py _GENERATOR_VERSION)
+PHANTOM_VERSION := $(shell sed -n 's/^_GENERATOR_VERSION = //p' src/h3de/data/phantom.py)
 EXPERIMENT ?= experiments/phantom_h3de.yaml
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train test test-all lint format benchmark clean
+.PHONY: help install data data-fine train test test-all lint format benchmark clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}'
@@ -23,12 +26,19 @@ $(STAMP): setup.cfg constraints.txt
 
 install: $(STAMP) ## create .venv and install h3de with its dev tools (torch pinned by constraints.txt)
 
-$(PHANTOM)/dataset.json: | $(STAMP)
-	$(BIN)/h3de data phantom --out $(PHANTOM) --seed 0
+$(PHANTOM)/.version-$(PHANTOM_VERSION): | $(STAMP)
+	$(BIN)/h3de data phantom --out $(PHANTOM) --seed 0 --workers 2
+	@rm -f $(PHANTOM)/.version-* && touch $@
 
-data: $(PHANTOM)/dataset.json ## generate the built-in phantom dataset (data/phantom)
+$(PHANTOM_FINE)/.version-$(PHANTOM_VERSION): | $(STAMP)
+	$(BIN)/h3de data phantom --out $(PHANTOM_FINE) --seed 0 --voxel-mm 1.0 --workers 2
+	@rm -f $(PHANTOM_FINE)/.version-* && touch $@
 
-train: $(STAMP) $(PHANTOM)/dataset.json ## train EXPERIMENT (default experiments/phantom_h3de.yaml); extra overrides in ARGS="key=value ..."
+data: $(PHANTOM)/.version-$(PHANTOM_VERSION) ## generate the built-in phantom dataset (data/phantom, 3 mm)
+
+data-fine: $(PHANTOM_FINE)/.version-$(PHANTOM_VERSION) ## generate the 1 mm phantom (data/phantom_1mm) of the fine-resolution experiments
+
+train: $(STAMP) $(PHANTOM)/.version-$(PHANTOM_VERSION) ## train EXPERIMENT (default experiments/phantom_h3de.yaml); extra overrides in ARGS="key=value ..."
 	$(BIN)/h3de train $(EXPERIMENT) $(ARGS)
 
 test: $(STAMP) ## run the default test suite (slow tests excluded)
@@ -45,7 +55,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix src tests benchmarks
 	$(BIN)/ruff format src tests benchmarks
 
-benchmark: $(STAMP) $(PHANTOM)/dataset.json ## run every benchmark (tens of minutes on 2 cores); each rewrites its .md
+benchmark: $(STAMP) $(PHANTOM)/.version-$(PHANTOM_VERSION) ## run every benchmark (tens of minutes on 2 cores); each rewrites its .md
 	$(BIN)/python benchmarks/heatmap_targets.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/vbra_attention.py
@@ -54,4 +64,4 @@ benchmark: $(STAMP) $(PHANTOM)/dataset.json ## run every benchmark (tens of minu
 	$(BIN)/python benchmarks/phantom_accuracy.py
 
 clean: ## remove runs and generated data (keeps .venv)
-	rm -rf runs wandb $(PHANTOM)
+	rm -rf runs wandb $(PHANTOM) $(PHANTOM_FINE)
