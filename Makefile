@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.cfg constraints.txt | cksum | cut 
 PHANTOM := data/phantom
 PHANTOM_FINE := data/phantom_1mm
 # regenerate the phantoms when the generator changes them (src/h3de/data/phantom.py _GENERATOR_VERSION)
-PHANTOM_VERSION := $(shell sed -n 's/^_GENERATOR_VERSION = //p' src/h3de/data/phantom.py)
+PHANTOM_VERSION := $(shell sed -n 's/^_GENERATOR_VERSION = \([0-9]*\).*/\1/p' src/h3de/data/phantom.py)
 EXPERIMENT ?= experiments/phantom_h3de.yaml
 ARGS ?=
 
