@@ -73,12 +73,13 @@ def test_local_patches_put_each_landmark_target_on_its_feature():
 
 def test_sliding_window_patches_hold_a_landmark_as_often_as_asked():
     world = voxel_to_world(torch.tensor([[5.0, 30.0, 33.0]], dtype=torch.float64), AFFINE)
+    volume = _blob_volume([torch.tensor([5.0, 30.0, 33.0])])
     for prob, low, high in ((1.0, 50, 50), (0.0, 0, 20)):
         transform = RandLandmarkPatchd("image", "points", [1.0, 1.0, 1.0], (12, 12, 12), landmark_prob=prob)
         transform.set_random_state(0)
         inside = 0
         for _ in range(50):
-            out = transform({"image": _blob_volume([torch.tensor([5.0, 30.0, 33.0])]), "points": world})
+            out = transform({"image": volume, "points": world})
             voxel = world_to_voxel(world, out["image"].affine.double())[0]
             inside += bool(((voxel >= 0) & (voxel <= 11)).all())
             assert out["image"].shape == (1, 12, 12, 12)
