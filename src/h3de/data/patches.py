@@ -128,25 +128,29 @@ class LocalPatchesd(Randomizable, MapTransform):
         self.spacing, self.size = tuple(float(s) for s in spacing), tuple(int(s) for s in size)
         self.sigma, self.offset_mm, self.rotate_deg = sigma, offset_mm, rotate_deg
 
-    def randomize(self, data=None) -> None:  # drawn per call in __call__ (needs the landmark count)
-        pass
+    def randomize(self, count: int) -> None:
+        """Draw, for ``count`` patches: offsets (mm), rotations and which landmark stands in for an absent one."""
+        self._offsets = torch.as_tensor(self.R.uniform(-self.offset_mm, self.offset_mm, (count, 3)))
+        self._rotations = _random_rotations(self.R, count, self.rotate_deg) if self.rotate_deg > 0 else None
+        self._stand_ins = self.R.random_sample(count)  # in [0, 1): picks among the present landmarks
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         source = d[self.source_key]
         world = _points(d, self.points_key)  # (L, 3)
         count = len(world)
+        self.randomize(count)
         present = torch.isfinite(world).all(-1)
         centres = world.clone()
         if present.any():
-            pool = torch.nonzero(present).flatten().numpy()
-            stand_ins = self.R.choice(pool, size=count)
-            centres[~present] = world[torch.as_tensor(stand_ins)[~present]]
+            pool = torch.nonzero(present).flatten()
+            stand_ins = pool[(torch.as_tensor(self._stand_ins) * len(pool)).long()]
+            centres[~present] = world[stand_ins[~present]]
         else:  # nothing to look for: patches at the volume's centre teach "absent" everywhere
             middle = (torch.as_tensor(source.shape[1:], dtype=torch.float64) - 1) / 2
             centres[:] = source.affine[:3, :3].double() @ middle + source.affine[:3, 3].double()
-        centres = centres + torch.as_tensor(self.R.uniform(-self.offset_mm, self.offset_mm, (count, 3)))
-        rotations = _random_rotations(self.R, count, self.rotate_deg) if self.rotate_deg > 0 else None
+        centres = centres + self._offsets
+        rotations = self._rotations
         affines = patch_affines(centres, self.spacing, self.size, rotations)
         d["local_image"] = sample_patches(source.as_tensor(), source.affine, affines, self.size)
         voxels = world_to_voxel(world.expand(count, count, 3), affines)  # (K, L, 3) in each patch
@@ -176,21 +180,25 @@ class RandLandmarkPatchd(Randomizable, MapTransform):
         self.spacing, self.size = tuple(float(s) for s in spacing), tuple(int(s) for s in size)
         self.landmark_prob = landmark_prob
 
-    def randomize(self, data=None) -> None:  # drawn per call in __call__ (needs the volume's extent)
-        pass
+    def randomize(self, data=None) -> None:
+        """Draw whether to hold a landmark, which one (a fraction of the present ones) and where, in [0, 1)^3."""
+        self._around_landmark = self.R.rand() < self.landmark_prob
+        self._which = self.R.rand()
+        self._where = torch.as_tensor(self.R.uniform(0, 1, 3))
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
+        self.randomize()
         image = d[self.image_key]
         affine = image.affine.to(torch.float64)
         world = _points(d, self.points_key)
         present = torch.nonzero(torch.isfinite(world).all(-1)).flatten()
         extent = torch.as_tensor(self.size, dtype=torch.float64) * torch.as_tensor(self.spacing) / 2  # half side mm
-        if len(present) and self.R.rand() < self.landmark_prob:
-            chosen = world[present[self.R.randint(len(present))]]
-            centre = chosen + torch.as_tensor(self.R.uniform(-1, 1, 3)) * (extent - torch.as_tensor(self.spacing))
+        if len(present) and self._around_landmark:
+            chosen = world[present[int(self._which * len(present))]]
+            centre = chosen + (2 * self._where - 1) * (extent - torch.as_tensor(self.spacing))
         else:
-            corner = torch.as_tensor(self.R.uniform(0, 1, 3)) * (torch.as_tensor(image.shape[1:]) - 1)
+            corner = self._where * (torch.as_tensor(image.shape[1:]) - 1)
             centre = affine[:3, :3] @ corner + affine[:3, 3]
         patch_affine = patch_affines(centre[None], self.spacing, self.size)
         patch = sample_patches(image.as_tensor(), affine, patch_affine, self.size)[0]
