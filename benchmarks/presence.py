@@ -77,14 +77,21 @@ def main() -> None:
         start = time.perf_counter()
         result = train(load_config(None, overrides))
         minutes = (time.perf_counter() - start) / 60
-        for split in ("val", "test"):
-            evaluation = evaluate(result.best_checkpoint, split, out / f"eval_{loss}_{split}")
-            with open(evaluation.out_dir / "predictions.csv") as f:
-                rates = _rates(list(csv.DictReader(f)), 0.5)
-            auroc = evaluation.summary["presence_auroc"]
+        held_out = []
+        for split in ("val", "test", "val+test"):
+            if split == "val+test":
+                rows, mre = held_out, statistics.fmean(float(r["error_mm"]) for r in held_out if r["error_mm"])
+                auroc = None
+            else:
+                evaluation = evaluate(result.best_checkpoint, split, out / f"eval_{loss}_{split}")
+                with open(evaluation.out_dir / "predictions.csv") as f:
+                    rows = list(csv.DictReader(f))
+                held_out += rows
+                mre, auroc = evaluation.summary["mre_mm"], evaluation.summary["presence_auroc"]
+            rates = _rates(rows, 0.5)
             print(
-                f"{loss:12s} {split:4s} train {minutes:.1f} min  MRE {evaluation.summary['mre_mm']:.2f} mm  "
-                f"AUROC {auroc if auroc is None else round(auroc, 3)}  absent {rates['absent']}  "
+                f"{loss:12s} {split:8s} train {minutes:.1f} min  MRE {mre:.2f} mm  "
+                f"AUROC {auroc if auroc is None else round(auroc, 3)}  absent {rates['absent']}/{len(rows)}  "
                 f"acc {rates['accuracy']:.3f}  absent P/R/F1 {rates['precision']:.2f}/{rates['recall']:.2f}/"
                 f"{rates['f1']:.2f}  present score min/median {rates['present_min']:.3f}/"
                 f"{rates['present_median']:.3f}  absent max {rates['absent_max']:.3f}",
