@@ -52,4 +52,34 @@ def test_presence_summary_ranks_and_counts_absent_landmarks():
     # present scores 0.9, 0.6, 0.1 against the absent 0.2: two of three pairs ranked right
     assert summary["presence_auroc"] == pytest.approx(2 / 3)
     assert summary["absent"] == 1 and summary["absent_detected"] == 1 and summary["present_called_absent"] == 1
-    assert presence_summary(score, torch.ones_like(present), None) == {"absent": 0, "presence_auroc": None}
+    # called absent: 0.2 (absent, TP) and 0.1 (present, FP); no absent one missed
+    assert summary["presence_accuracy"] == pytest.approx(3 / 4)
+    assert summary["absent_precision"] == pytest.approx(1 / 2) and summary["absent_recall"] == pytest.approx(1.0)
+    assert summary["absent_f1"] == pytest.approx(2 / 3)
+    assert summary["presence_threshold"] == 0.5
+
+
+def test_presence_summary_absent_class_by_hand():
+    # 10 landmarks: 4 absent (scores 0.1, 0.3, 0.45, 0.7), 6 present (0.2, 0.55, 0.6, 0.8, 0.9, 0.95)
+    score = torch.tensor([[0.1, 0.3, 0.45, 0.7, 0.2], [0.55, 0.6, 0.8, 0.9, 0.95]])
+    present = torch.tensor([[False, False, False, False, True], [True] * 5])
+    s = presence_summary(score, present)  # threshold 0.5: TP 3, FP 1 (0.2), FN 1 (0.7), TN 5
+    assert (s["absent"], s["absent_detected"], s["present_called_absent"]) == (4, 3, 1)
+    assert s["presence_accuracy"] == pytest.approx(8 / 10)
+    assert s["absent_precision"] == pytest.approx(3 / 4) and s["absent_recall"] == pytest.approx(3 / 4)
+    assert s["absent_f1"] == pytest.approx(3 / 4)
+    # 19 of the 24 (absent, present) pairs ranked right; wrong: 0.7 over 0.2, 0.55, 0.6 and 0.3, 0.45 over 0.2
+    assert s["presence_auroc"] == pytest.approx(19 / 24)
+    strict = presence_summary(score, present, threshold=0.75)  # TP 4, FP 3 (0.2, 0.55, 0.6), FN 0
+    assert strict["absent_precision"] == pytest.approx(4 / 7) and strict["absent_recall"] == 1.0
+    assert strict["absent_f1"] == pytest.approx(8 / 11) and strict["presence_accuracy"] == pytest.approx(7 / 10)
+
+
+def test_presence_summary_undefined_ratios_are_none():
+    all_present = torch.ones(2, 3, dtype=torch.bool)
+    s = presence_summary(torch.full((2, 3), 0.9), all_present)  # nothing absent, nothing called absent
+    assert s["presence_auroc"] is None and s["presence_accuracy"] == 1.0
+    assert s["absent_precision"] is None and s["absent_recall"] is None and s["absent_f1"] is None
+    missed = presence_summary(torch.full((2, 3), 0.9), ~torch.eye(2, 3, dtype=torch.bool))  # 2 absent, none called
+    assert missed["absent_recall"] == 0.0 and missed["absent_f1"] == 0.0 and missed["absent_precision"] is None
+    assert missed["presence_accuracy"] == pytest.approx(4 / 6)

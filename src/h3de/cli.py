@@ -1,7 +1,7 @@
 """The ``h3de`` command: parses arguments and calls one function per stage.
 
 h3de train [EXPERIMENT.yaml] [key=value ...]
-h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--presence-threshold P]
+h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--presence-threshold 0.5]
 h3de predict CHECKPOINT IMAGE_OR_FOLDER --out DIR [--format mrk.json|fcsv|csv|json] [--qc] [--truth PATH]
 h3de profile MODEL [MODEL ...] [--input D,H,W] [key=value ...]
 h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0] [--workers 1]
@@ -35,9 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--presence-threshold",
         type=float,
-        default=None,
+        default=0.5,
         metavar="P",
-        help="call a landmark absent when its presence score is below P (written as missing in the .mrk.json)",
+        help="call a landmark absent when its presence probability is below P (default 0.5; 0 calls every "
+        "landmark present); called-absent landmarks are written as missing in the .mrk.json",
     )
 
     predict = commands.add_parser("predict", help="landmarks of new scans (no ground truth needed)")
@@ -108,16 +109,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     s = result.summary
     sdr = ", ".join(f"{k} {v:.1f}%" for k, v in s.items() if k.startswith("sdr_") and v is not None)
     print(f"{args.split}: {s['num_cases']} cases, MRE {s['mre_mm']:.2f} +- {s['mre_sd_mm']:.2f} mm, {sdr}")
-    presence = []
-    if s["presence_auroc"] is not None:
-        presence.append(f"AUROC {s['presence_auroc']:.3f} over {s['absent']} absent landmarks")
-    if args.presence_threshold is not None:
-        presence.append(
-            f"below {args.presence_threshold}: {s['absent_detected']} of {s['absent']} absent landmarks called "
-            f"absent, and {s['present_called_absent']} present ones"
-        )
-    if presence:
-        print("presence: " + "; ".join(presence))
+    print(
+        f"presence below {s['presence_threshold']:g} called absent: {s['absent_detected']} of {s['absent']} absent "
+        f"landmarks and {s['present_called_absent']} present ones; accuracy {_percent(s['presence_accuracy'])}, "
+        f"absent precision {_percent(s['absent_precision'])}, recall {_percent(s['absent_recall'])}, "
+        f"F1 {_percent(s['absent_f1'])}"
+        + (f", AUROC {s['presence_auroc']:.3f}" if s["presence_auroc"] is not None else "")
+    )
     print(f"written to {result.out_dir}")
 
 
@@ -140,6 +138,10 @@ def _predict(args: argparse.Namespace) -> None:
     if result.failures:
         failed = "; ".join(f"{case}: {message}" for case, message in result.failures.items())
         raise H3deError(f"{len(result.failures)} of {total} cases failed: {failed}")
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def _profile(args: argparse.Namespace) -> None:

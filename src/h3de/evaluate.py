@@ -5,9 +5,11 @@ Writes into ``out_dir`` (each file atomically):
   error, and whether it is called present.
 - ``per_landmark.csv``: MRE, SD and SDR per landmark.
 - ``per_case.csv``: MRE per case.
-- ``summary.json``: overall MRE, SD, SDR, counts, presence metrics, checkpoint and split.
+- ``summary.json``: overall MRE, SD, SDR, counts, presence metrics (``metrics.presence_summary``: AUROC,
+  and at the threshold the presence accuracy and the absent class's precision, recall and F1),
+  checkpoint and split.
 - ``predictions/<case>.mrk.json``: predicted landmarks that open in 3D Slicer; landmarks called absent
-  (presence score below ``presence_threshold``) are written as "missing".
+  (presence probability below ``presence_threshold``, 0.5 by default) are written as "missing".
 
 Errors are always those of the decoded positions of every landmark present in the ground truth: a
 threshold changes what is called absent, never which errors count.
@@ -66,7 +68,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     data_root: str | Path | None = None,
     batch_size: int | None = None,
-    presence_threshold: float | None = None,
+    presence_threshold: float = 0.5,
 ) -> EvaluationResult:
     """Evaluate ``checkpoint`` on ``split`` of its dataset (or of the manifest under ``data_root``).
 
@@ -76,12 +78,13 @@ def evaluate(
         out_dir: output folder; default ``<run dir>/eval_<split>`` beside the checkpoint folder.
         data_root: dataset folder overriding the one in the checkpoint's config.
         batch_size: evaluation batch size (default: the config's).
-        presence_threshold: presence score in [0, 1] below which a landmark is called absent; None
-            calls every landmark present.
+        presence_threshold: presence probability in [0, 1] below which a landmark is called absent
+            (every readout trains its presence so that 0.5 separates present from absent; 0 calls
+            every landmark present).
     """
     if split not in ("train", "val", "test"):
         raise H3deError(f"unknown split '{split}' (expected train, val or test)")
-    if presence_threshold is not None and not 0.0 <= presence_threshold <= 1.0:
+    if not 0.0 <= presence_threshold <= 1.0:
         raise H3deError(f"presence threshold must be in [0, 1], got {presence_threshold}")
     checkpoint = Path(checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,7 +124,7 @@ def evaluate(
         "per_landmark_mre_mm": {n: _finite_or_none(torch.nanmean(errors[:, i]).item()) for i, n in enumerate(names)},
         **presence_summary(presence, present, presence_threshold),
     }
-    called_present = presence >= presence_threshold if presence_threshold is not None else torch.ones_like(present)
+    called_present = presence >= presence_threshold
     outputs = (names, case_ids, predicted, presence, called_present, truth, present, errors, radii, summary)
     _write_outputs(out_dir, *outputs)
     return EvaluationResult(out_dir, summary, errors, case_ids)

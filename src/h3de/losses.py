@@ -1,8 +1,9 @@
-"""Heatmap losses, averaged over the landmarks whose loss mask is set (present and inside the patch).
+"""Heatmap losses. Positions are trained on the landmarks whose loss mask is set (present and inside the
+patch); presence on every landmark, the others ("not in this image") being trained as absent.
 
 Each loss also says how its network output is read: ``decodable(output)`` is what
 ``h3de.targets.decode_heatmaps`` decodes (in the log domain when ``log_domain``), and
-``presence(output)`` is a (B, L) score in [0, 1].
+``presence(output)`` is a (B, L) trained presence probability in [0, 1], for a threshold of 0.5.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def _masked_mean(per_landmark: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 class WeightedMSELoss(nn.Module):
     """MSE against Gaussian targets, with extra weight on the peak region (target > 0.1).
 
-    Output heatmaps are decoded directly (``log_domain = False``).
+    Every landmark is supervised: those outside the loss mask (absent from the file or outside the
+    patch) against an all-zero heatmap, so the heatmap peak is trained to say whether the landmark is in
+    the image. Output heatmaps are decoded directly (``log_domain = False``).
 
     Args:
         foreground_weight: added weight where the target exceeds 0.1 (counters the tiny peak volume).
@@ -44,38 +47,68 @@ class WeightedMSELoss(nn.Module):
         return output
 
     def presence(self, output: torch.Tensor) -> torch.Tensor:
-        """Heatmap peak relative to the target peak (untrained for absent landmarks: a ranking score)."""
+        """(B, L) heatmap peak relative to the target peak, clamped to [0, 1]."""
         return (output.detach().float().flatten(2).amax(-1) / self.target_scale).clamp(0.0, 1.0)
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """prediction, target: (B, L, D, H, W); mask: (B, L) bool. Returns a scalar."""
+        """prediction, target: (B, L, D, H, W); mask: (B, L) bool, False = all-zero target. Returns a scalar."""
+        target = torch.where(mask[..., None, None, None], target.float(), 0.0)
         weight = 1.0 + self.foreground_weight * (target > 0.1).to(torch.float32)
-        error = weight * (prediction.float() - self.target_scale * target.float()) ** 2
-        return _masked_mean(error.flatten(2).mean(-1), mask)
+        error = weight * (prediction.float() - self.target_scale * target) ** 2
+        return error.flatten(2).mean(-1).mean()
 
 
 class SpatialCrossEntropyLoss(nn.Module):
-    """KL divergence between the normalised Gaussian target and a softmax over each landmark's volume.
+    """Cross-entropy of a softmax over each landmark's N voxels plus one learned "absent" category.
 
-    The network outputs logits; they are decoded in the log domain (``log_domain = True``).
+    The network outputs logits ``x`` (B, L, D, H, W); landmark l's absent category has the logit
+    ``log N + absent_logit[l]`` (a parameter, saved with the model; 0 at the start, so a flat output
+    starts at presence 0.5 whatever the volume size). A landmark in the loss mask has the normalised
+    Gaussian as its target (no mass on "absent"); any other landmark (absent from the file, or outside
+    the patch) puts all its mass on "absent". With the presence logit
+    ``z = logsumexp(x) - log N - absent_logit`` that cross-entropy splits exactly into
+
+    - the KL divergence between the normalised Gaussian and the softmax over the voxels (present
+      landmarks only; averaged over the landmarks in the mask, as without the absent category), and
+    - a binary cross-entropy of ``sigmoid(z)`` against the mask (every landmark; averaged over all).
+
+    ``presence = 1 - p(absent) = sigmoid(z)``. The softmax over the voxels, and so the decoded position
+    (in the log domain, ``log_domain = True``), does not depend on the absent category. Everything is
+    computed in fp32 with autocast off.
+
+    Args:
+        num_landmarks: L, one absent logit each.
     """
 
     log_domain = True
 
+    def __init__(self, num_landmarks: int) -> None:
+        super().__init__()
+        self.absent_logit = nn.Parameter(torch.zeros(num_landmarks))
+
     def decodable(self, output: torch.Tensor) -> torch.Tensor:
         return output
 
+    def presence_logit(self, output: torch.Tensor) -> torch.Tensor:
+        """(B, L) fp32 ``z = logsumexp(x) - log N - absent_logit`` of (B, L, D, H, W) logits."""
+        with torch.autocast(device_type=output.device.type, enabled=False):
+            flat = output.float().flatten(2)  # (B, L, N)
+            return torch.logsumexp(flat, dim=-1) - math.log(flat.shape[-1]) - self.absent_logit.float()
+
     def presence(self, output: torch.Tensor) -> torch.Tensor:
-        """Peak softmax probability (absence is not trained: a ranking score)."""
-        return torch.softmax(output.detach().float().flatten(2), dim=-1).amax(-1)
+        """(B, L) probability that the landmark is in the volume, ``sigmoid(z)``."""
+        return torch.sigmoid(self.presence_logit(output.detach())).detach()
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """prediction (logits), target: (B, L, D, H, W); mask: (B, L) bool. Returns a scalar."""
-        log_p = torch.log_softmax(prediction.float().flatten(2), dim=-1)
-        t = target.float().flatten(2)
-        t = t / t.sum(-1, keepdim=True).clamp_min(1e-12)
-        kl = (t * (torch.log(t.clamp_min(1e-12)) - log_p)).sum(-1)
-        return _masked_mean(kl, mask)
+        with torch.autocast(device_type=prediction.device.type, enabled=False):
+            log_p = torch.log_softmax(prediction.float().flatten(2), dim=-1)  # (B, L, N)
+            t = target.float().flatten(2)
+            t = t / t.sum(-1, keepdim=True).clamp_min(1e-12)
+            kl = (t * (torch.log(t.clamp_min(1e-12)) - log_p)).sum(-1)  # (B, L)
+            z = self.presence_logit(prediction)
+            presence = F.binary_cross_entropy_with_logits(z, mask.float())
+        return _masked_mean(kl, mask) + presence
 
 
 class BallHardNegativeLoss(nn.Module):
@@ -133,12 +166,12 @@ class BallHardNegativeLoss(nn.Module):
         return (positive_loss + negative_loss).mean()
 
 
-def build_loss(cfg: LossConfig, heatmap_sigma: float) -> nn.Module:
-    """The heatmap loss named by ``cfg.name`` (targets of ``heatmap_sigma`` voxels)."""
+def build_loss(cfg: LossConfig, heatmap_sigma: float, num_landmarks: int) -> nn.Module:
+    """The heatmap loss named by ``cfg.name`` (targets of ``heatmap_sigma`` voxels, ``num_landmarks`` of them)."""
     if cfg.name == "weighted_mse":
         return WeightedMSELoss(cfg.foreground_weight, cfg.target_scale)
     if cfg.name == "spatial_ce":
-        return SpatialCrossEntropyLoss()
+        return SpatialCrossEntropyLoss(num_landmarks)
     if cfg.name == "ball_ohnm":
         return BallHardNegativeLoss(heatmap_sigma, cfg.ball_radius, cfg.negative_ratio, cfg.hard_negatives)
     raise ValueError(f"unknown loss '{cfg.name}'")

@@ -3,8 +3,9 @@
 - MRE: mean radial (Euclidean) error in mm, with its standard deviation (population, ddof=0).
 - SDR@r: successful detection rate, the percentage of present landmarks with error <= r mm.
 - per-landmark MRE.
-- presence: how well a per-landmark presence score separates present from absent landmarks (AUROC),
-  and, at a threshold, how many landmarks it calls absent rightly and wrongly.
+- presence: how well a per-landmark presence probability separates present from absent landmarks
+  (AUROC), and, at a threshold (0.5 by default), its accuracy and the absent class's precision, recall
+  and F1.
 """
 
 from __future__ import annotations
@@ -48,25 +49,43 @@ def summarize_errors(errors: torch.Tensor, radii_mm: Sequence[float]) -> dict[st
     return summary
 
 
-def presence_summary(score: torch.Tensor, present: torch.Tensor, threshold: float | None) -> dict:
-    """How a (N, L) presence score in [0, 1] separates present from absent landmarks ((N, L) bool).
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
 
-    Returns ``presence_auroc`` (present as the positive class; None unless both kinds occur) and the
-    counts ``absent``, plus, with a ``threshold`` (a score below it calls a landmark absent):
-    ``presence_threshold``, ``absent_detected`` (absent and called absent) and ``present_called_absent``.
+
+def presence_summary(score: torch.Tensor, present: torch.Tensor, threshold: float = 0.5) -> dict:
+    """How a (N, L) presence probability separates present from absent landmarks ((N, L) bool).
+
+    A score below ``threshold`` calls a landmark absent. The absent class is the positive one of the
+    precision, recall and F1 (as the MML benchmark reports them). Returns:
+
+    - ``absent``: landmarks absent from the ground truth;
+    - ``presence_auroc``: AUROC of the score with present as the positive class (None unless both kinds
+      occur);
+    - ``presence_threshold``; ``absent_detected`` (absent and called absent, the true positives);
+      ``present_called_absent`` (the false positives);
+    - ``presence_accuracy``: the fraction of landmarks called rightly (present or absent);
+    - ``absent_precision``, ``absent_recall``, ``absent_f1``: of the absent class, None where the
+      denominator is 0 (nothing called absent; nothing absent; neither).
     """
     score, present = score.flatten().double(), present.flatten().bool()
     both = bool(present.any() and (~present).any())
-    summary: dict = {
-        "absent": int((~present).sum()),
+    called_absent = score < threshold
+    true_pos = int((called_absent & ~present).sum())
+    false_pos = int((called_absent & present).sum())
+    false_neg = int((~called_absent & ~present).sum())
+    absent = int((~present).sum())
+    return {
+        "absent": absent,
         "presence_auroc": binary_auroc(score, present.long()).item() if both else None,
+        "presence_threshold": threshold,
+        "absent_detected": true_pos,
+        "present_called_absent": false_pos,
+        "presence_accuracy": _ratio(present.numel() - false_pos - false_neg, present.numel()),
+        "absent_precision": _ratio(true_pos, true_pos + false_pos),
+        "absent_recall": _ratio(true_pos, absent),
+        "absent_f1": _ratio(2 * true_pos, 2 * true_pos + false_pos + false_neg),
     }
-    if threshold is not None:
-        called_absent = score < threshold
-        summary["presence_threshold"] = threshold
-        summary["absent_detected"] = int((called_absent & ~present).sum())
-        summary["present_called_absent"] = int((called_absent & present).sum())
-    return summary
 
 
 class LandmarkErrors(Metric):

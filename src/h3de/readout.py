@@ -4,9 +4,10 @@ A readout owns the loss on a packed batch and the decoding of the output to cont
 positions plus a per-landmark presence score; the LightningModule maps positions to world mm.
 
 - ``HeatmapReadout``: heatmaps or per-voxel logits (``h3de.targets``, ``h3de.losses``). The presence
-  score is the heatmap peak (weighted_mse), the peak softmax probability (spatial_ce; neither trains
-  absence, so these rank rather than calibrate) or the peak sigmoid (ball_ohnm, trained on absent
-  landmarks by hard-negative mining).
+  probability is trained on every landmark, those outside the loss mask as absent: the heatmap peak
+  (weighted_mse, against all-zero targets), one minus the probability of the learned "absent" category
+  beside the softmax over the voxels (spatial_ce), or the peak sigmoid (ball_ohnm, by hard-negative
+  mining).
 - ``AnchorReadout``: anchor maps (``h3de.anchors``); presence is the sigmoid of the best anchor logit,
   trained against absent landmarks by hard-negative mining.
 """
@@ -30,15 +31,15 @@ __all__ = ["HeatmapReadout", "AnchorReadout", "build_readout"]
 class HeatmapReadout(nn.Module):
     """Heatmap output (B, L, D, H, W): masked heatmap loss, arg-max + log-parabola decoding."""
 
-    def __init__(self, cfg: LossConfig, heatmap_sigma: float) -> None:
+    def __init__(self, cfg: LossConfig, heatmap_sigma: float, num_landmarks: int) -> None:
         super().__init__()
-        self.criterion = build_loss(cfg, heatmap_sigma)
+        self.criterion = build_loss(cfg, heatmap_sigma, num_landmarks)
 
     def loss(self, output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return self.criterion(output, batch["heatmap"], batch["loss_mask"])
 
     def decode(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """((B, L, 3) voxel positions, (B, L) presence score)."""
+        """((B, L, 3) voxel positions, (B, L) presence probability)."""
         decodable = self.criterion.decodable(output.detach())
         voxels = decode_heatmaps(decodable, log_input=self.criterion.log_domain)
         return voxels, self.criterion.presence(output)
@@ -76,4 +77,4 @@ def build_readout(
     """The readout for a network whose registry ``output`` kind is "heatmap" or "anchor"."""
     if output == "anchor":
         return AnchorReadout(num_landmarks, network_params.anchor_sizes, 4, cfg)
-    return HeatmapReadout(cfg, heatmap_sigma)
+    return HeatmapReadout(cfg, heatmap_sigma, num_landmarks)
