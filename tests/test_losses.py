@@ -159,3 +159,20 @@ def test_ball_loss_positives_and_mined_negatives():
 def test_ball_loss_bad_arguments():
     with pytest.raises(ValueError, match="radius"):
         BallHardNegativeLoss(sigma=1.0, radius=0.5)
+
+
+def test_spatial_ce_presence_keeps_the_training_volume_size_at_inference():
+    from h3de.losses import SpatialCrossEntropyLoss
+
+    loss = SpatialCrossEntropyLoss(1)
+    logits = torch.full((1, 1, 8, 8, 8), -8.0)
+    logits[0, 0, 4, 4, 4] = 6.0
+    loss(logits, torch.zeros_like(logits), torch.ones(1, 1, dtype=torch.bool))  # a training step at 8^3
+    before = loss.presence(logits)
+    larger = torch.full((1, 1, 16, 16, 16), -8.0)  # the same peak in a scan with 8x the voxels, all background
+    larger[0, 0, 4, 4, 4] = 6.0
+    after = loss.presence(larger)
+    assert abs(after.item() - before.item()) < 0.01, (before, after)
+    untrained = SpatialCrossEntropyLoss(1)  # no training size known: the scan's own, log 8 lower
+    assert untrained.presence(larger).item() < before.item() - 0.2
+    assert torch.isclose(loss.train_log_voxels, torch.tensor(math.log(512.0)))

@@ -74,7 +74,9 @@ class SpatialCrossEntropyLoss(nn.Module):
 
     ``presence = 1 - p(absent) = sigmoid(z)``. The softmax over the voxels, and so the decoded position
     (in the log domain, ``log_domain = True``), does not depend on the absent category. Everything is
-    computed in fp32 with autocast off.
+    computed in fp32 with autocast off. ``log N`` is that of the training patches (remembered in a buffer
+    saved with the model), so a larger scan at inference, which adds voxels of low logit, does not shift
+    the presence probability by the log of the size ratio.
 
     Args:
         num_landmarks: L, one absent logit each.
@@ -85,6 +87,7 @@ class SpatialCrossEntropyLoss(nn.Module):
     def __init__(self, num_landmarks: int) -> None:
         super().__init__()
         self.absent_logit = nn.Parameter(torch.zeros(num_landmarks))
+        self.register_buffer("train_log_voxels", torch.tensor(float("nan")))  # log N of the training patches
 
     def decodable(self, output: torch.Tensor) -> torch.Tensor:
         return output
@@ -93,7 +96,8 @@ class SpatialCrossEntropyLoss(nn.Module):
         """(B, L) fp32 ``z = logsumexp(x) - log N - absent_logit`` of (B, L, D, H, W) logits."""
         with torch.autocast(device_type=output.device.type, enabled=False):
             flat = output.float().flatten(2)  # (B, L, N)
-            return torch.logsumexp(flat, dim=-1) - math.log(flat.shape[-1]) - self.absent_logit.float()
+            log_voxels = self.train_log_voxels if torch.isfinite(self.train_log_voxels) else math.log(flat.shape[-1])
+            return torch.logsumexp(flat, dim=-1) - log_voxels - self.absent_logit.float()
 
     def presence(self, output: torch.Tensor) -> torch.Tensor:
         """(B, L) probability that the landmark is in the volume, ``sigmoid(z)``."""
@@ -101,6 +105,7 @@ class SpatialCrossEntropyLoss(nn.Module):
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """prediction (logits), target: (B, L, D, H, W); mask: (B, L) bool. Returns a scalar."""
+        self.train_log_voxels.fill_(math.log(prediction[0, 0].numel()))
         with torch.autocast(device_type=prediction.device.type, enabled=False):
             log_p = torch.log_softmax(prediction.float().flatten(2), dim=-1)  # (B, L, N)
             t = target.float().flatten(2)
