@@ -6,7 +6,10 @@ to benchmarks/fine_accuracy.md, with the training wall time and, as a trivial ba
 landmark at its mean training position.
 
     make data-fine
-    .venv/bin/python benchmarks/fine_accuracy.py [EXPERIMENT.yaml ...] [--seeds 3] [--epochs N]
+    .venv/bin/python benchmarks/fine_accuracy.py [EXPERIMENT.yaml[:SEEDS] ...] [--seeds 3] [--epochs N]
+
+``EXPERIMENT.yaml:N`` trains that experiment with seeds 0..N-1 instead of ``--seeds``. The report is rewritten after
+each experiment, so an interrupted run keeps what it finished.
 """
 
 from __future__ import annotations
@@ -94,18 +97,23 @@ def main() -> None:
     if not Path("data/phantom_1mm/dataset.json").is_file():
         sys.exit("data/phantom_1mm is missing: run `make data-fine` first")
     rows = []
-    for experiment in args.experiments:
-        runs = [run(experiment, seed, args.epochs) for seed in range(args.seeds)]
+    for item in args.experiments:
+        experiment, _, seeds = item.partition(":")
+        runs = [run(experiment, seed, args.epochs) for seed in range(int(seeds) if seeds else args.seeds)]
         row = {**runs[0], **{k: mean(runs, k) for k in KEYS}, "tests": [r["test"] for r in runs]}
         row["seed_sd"] = statistics.stdev(row["tests"]) if len(runs) > 1 else float("nan")
         rows.append(row)
+        report(rows, args)
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> None:
     first = rows[0]
     lines = [
         "# Accuracy at fine resolution, side by side",
         "",
         f"Test split of data/phantom_1mm (seed 0: 28 train / 6 val / 6 test cases, voxels of about 1 x 1 x 1.5 mm, "
-        f"{first['absent']} absent landmarks in the test split), each experiment trained {args.seeds} times (seeds "
-        f"0..{args.seeds - 1}) on {torch.get_num_threads()} CPU threads ({platform.machine()}); errors in world mm "
+        f"{first['absent']} absent landmarks in the test split), each experiment trained with seeds 0..N-1 (N: the "
+        f"seeds listed per row) on {torch.get_num_threads()} CPU threads ({platform.machine()}); errors in world mm "
         "over the landmarks present, seed means. Paired: MRE of the three left/right pairs, which only global context "
         "tells apart. Absent F1 and presence accuracy at the default threshold 0.5. Baseline: every landmark at its "
         f"mean training position, {first['baseline']:.2f} mm.",
