@@ -99,6 +99,7 @@ class H3DENetConfig:
     topk: list[int] | None = None
     decoder_widths: list[int] | None = None  # 5 decoder levels, strides 16, 8, 4, 2, 1
     head_dim: int = 8
+    attention_scale: str | None = None  # V-BRA softmax scale: head (head_dim^-0.5) | width (width^-0.5); null: preset's
     region_grid: list[int] | None = field(default_factory=lambda: [4, 4, 2])  # fixed region count per axis
     region_size: list[int] | None = None  # or fixed tokens per region per axis (set region_grid to null)
     mlp_ratio: float = 4.0
