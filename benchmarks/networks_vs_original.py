@@ -190,7 +190,10 @@ def main() -> None:
         .splitlines()[-1]
     )
 
-    command = f"PYTHONPATH=src .venv/bin/python benchmarks/networks_vs_original.py <H3DE-Net checkout> --repeats {args.repeats} --threads {args.threads}"
+    command = (
+        "PYTHONPATH=src .venv/bin/python benchmarks/networks_vs_original.py <H3DE-Net checkout> "
+        f"--repeats {args.repeats} --threads {args.threads}"
+    )
     lines = [
         "# H3DE-Net against the original code, side by side",
         "",

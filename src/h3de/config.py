@@ -110,6 +110,7 @@ class H3DENetConfig:
     full_res_levels: int = 2  # input-skip decoder levels run (2: full resolution; fewer: upsampled heatmaps)
     anchor_sizes: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25])  # anchor head, in cells
     norm: str = "group"  # decoder normalisation: group | instance | batch | layer
+    recompute_full_res: bool = True  # training: recompute the stride-1 decoder level in backward (less memory)
 
 
 @dataclass

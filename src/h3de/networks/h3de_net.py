@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from h3de.anchors import anchor_channels, init_anchor_head_
 from h3de.networks.attention import ATTENTION_SCALES
@@ -82,6 +83,9 @@ class H3DENet(nn.Module):
             1 or 0: the heatmap is predicted at stride 2 or 4 and trilinearly upsampled). Heatmap head only.
         num_anchors: anchors per cell (anchor head).
         norm: normalisation of the decoder's convolutions (the encoder uses per-token LayerNorm).
+        recompute_full_res: when gradients are recorded, the full-resolution decoder level (stride 1, with
+            its input skip) keeps none of its activations and is recomputed in the backward pass
+            (``torch.utils.checkpoint``): the same result and gradients for less memory and more time.
     """
 
     def __init__(
@@ -105,12 +109,14 @@ class H3DENet(nn.Module):
         full_res_levels: int = 2,
         num_anchors: int = 4,
         norm: str = "group",
+        recompute_full_res: bool = True,
     ) -> None:
         super().__init__()
         _check_sizes(head, widths, depths, topk, decoder_widths, head_dim, fusion, full_res_levels, num_anchors)
         if attention_scale not in ATTENTION_SCALES:
             raise ValueError(f"attention_scale '{attention_scale}' is not one of {', '.join(ATTENTION_SCALES)}")
         self.head_kind, self.full_res_levels = head, full_res_levels if head == "heatmap" else 0
+        self.recompute_full_res = recompute_full_res
         w, dw = list(widths), list(decoder_widths)
 
         # the encoder normalises each token over its channels (valid down to a 1x1x1 deepest stage)
@@ -191,9 +197,12 @@ class H3DENet(nn.Module):
         kept = 3 if self.fusion is not None else 1
         levels = []  # the last `kept` decoder outputs, finest last
         for i, block in enumerate(self.decoder):
-            skip = skips.pop(0) if skips else self.input_skips[i - 3](x)
-            y = block(y, skip)
-            del skip
+            if i == 4 and self.recompute_full_res and torch.is_grad_enabled():
+                y = checkpoint(self._input_level, i, y, x, use_reentrant=False)  # (B, dw4, D, H, W)
+            elif skips:
+                y = block(y, skips.pop(0))
+            else:
+                y = self._input_level(i, y, x)
             levels = [*levels[1 - kept :], y] if kept > 1 else [y]
         del y
         if self.fusion is not None:
@@ -205,6 +214,11 @@ class H3DENet(nn.Module):
         if self.full_res_levels < 2:
             out = F.interpolate(out, scale_factor=2 ** (2 - self.full_res_levels), mode="trilinear")
         return out[..., : size[0], : size[1], : size[2]]
+
+
+    def _input_level(self, i: int, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Decoder level ``i`` (3: stride 2, 4: stride 1) on ``y`` with its skip computed from the input ``x``."""
+        return self.decoder[i](y, self.input_skips[i - 3](x))
 
 
 def _check_sizes(head, widths, depths, topk, decoder_widths, head_dim, fusion, full_res_levels, num_anchors) -> None:
