@@ -149,7 +149,7 @@ def test_inference_and_recomputation_keep_outputs_and_gradients(full_res_levels)
     plain = net(full_res_levels=full_res_levels, recompute_full_res=False)
     recomputed = net(full_res_levels=full_res_levels)
     recomputed.load_state_dict(plain.state_dict())
-    x = torch.randn(1, 1, 64, 32, 32)
+    x = torch.randn(1, 1, 32, 32, 32)
     outs = []
     for network in (plain, recomputed):
         out = network(x)
