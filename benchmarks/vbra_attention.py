@@ -51,7 +51,7 @@ def reference_vbra(module: VolumetricBRA, x: torch.Tensor) -> torch.Tensor:
     d, h, w = D // Rd, H // Rh, W // Rw
     R, T, topk = Rd * Rh * Rw, d * h * w, module.topk
     heads, e = module.num_heads, C // module.num_heads
-    scale = e**-0.5
+    scale = module.scale
     q, k, v = module.qkv(x).chunk(3, dim=-1)  # 3 x (B, D, H, W, C), as in the module
     lepe = module.lce(v.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)  # (B, D, H, W, C), as in the module
     # BiFormer's 'n (j h) (i w) c -> n (j i) (h w) c', in 3D

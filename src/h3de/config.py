@@ -111,6 +111,7 @@ class H3DENetConfig:
     topk: list[int] | None = None
     decoder_widths: list[int] | None = None  # 5 decoder levels, strides 16, 8, 4, 2, 1
     head_dim: int = 8
+    attention_scale: str | None = None  # V-BRA softmax scale: head (head_dim^-0.5) | width (width^-0.5); null: preset's
     region_grid: list[int] | None = field(default_factory=lambda: [4, 4, 2])  # fixed region count per axis
     region_size: list[int] | None = None  # or fixed tokens per region per axis (set region_grid to null)
     mlp_ratio: float = 4.0
@@ -121,6 +122,7 @@ class H3DENetConfig:
     full_res_levels: int = 2  # input-skip decoder levels run (2: full resolution; fewer: upsampled heatmaps)
     anchor_sizes: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25])  # anchor head, in cells
     norm: str = "group"  # decoder normalisation: group | instance | batch | layer
+    recompute_full_res: bool = True  # training: recompute the stride-1 decoder level in backward (less memory)
 
 
 @dataclass

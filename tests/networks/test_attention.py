@@ -212,3 +212,29 @@ def test_function_refuses_bad_grids():
         bi_level_routing_attention(q, q, q, (2, 2, 2), 9, 2)
     with pytest.raises(ValueError, match="num_heads=3 must be >= 1 and divide the width C=8"):
         bi_level_routing_attention(q, q, q, (2, 2, 2), 1, 3)
+
+
+@pytest.mark.parametrize("topk", [1, 2, 8])  # shared keys, gathered, dense
+def test_width_scale_is_the_head_scale_with_q_rescaled(topk):
+    torch.manual_seed(0)
+    heads, C = 4, 16
+    q, k, v = (torch.randn(1, 4, 4, 4, C) for _ in range(3))
+    width = bi_level_routing_attention(q, k, v, (2, 2, 2), topk, heads, scale=C**-0.5)
+    head = bi_level_routing_attention(q * heads**-0.5, k, v, (2, 2, 2), topk, heads)  # default head_dim^-0.5
+    torch.testing.assert_close(width, head, rtol=1e-5, atol=1e-6)
+    assert (width - bi_level_routing_attention(q, k, v, (2, 2, 2), topk, heads)).abs().max() > 1e-3
+
+
+def test_module_attention_scales_differ_by_the_q_rescaling():
+    torch.manual_seed(0)
+    width = VolumetricBRA(32, topk=2, head_dim=8, region_grid=(2, 2, 2), attention_scale="width")
+    head = VolumetricBRA(32, topk=2, head_dim=8, region_grid=(2, 2, 2), attention_scale="head")
+    head.load_state_dict(width.state_dict())
+    assert width.scale == pytest.approx(32**-0.5) and head.scale == pytest.approx(8**-0.5)
+    with torch.no_grad():  # q's rows of the projection times heads^-0.5 = 0.5
+        head.qkv.weight[:32] *= 0.5
+        head.qkv.bias[:32] *= 0.5
+    x = torch.randn(2, 4, 6, 4, 32)
+    torch.testing.assert_close(width(x), head(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="attention_scale 'qk'"):
+        VolumetricBRA(32, topk=2, attention_scale="qk")

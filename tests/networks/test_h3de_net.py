@@ -1,12 +1,14 @@
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from h3de.anchors import ANCHOR_PRIOR, split_anchor_output
 from h3de.config import load_config
 from h3de.errors import ConfigError
 from h3de.networks import build_network, check_network_input
 from h3de.networks.attention import VolumetricBRA
-from h3de.networks.blocks import FeatureFusion, PixelShuffle3d, SuperResolutionUp
+from h3de.networks.blocks import DecoderBlock, FeatureFusion, PixelShuffle3d, SuperResolutionUp
 from h3de.networks.h3de_net import stage_token_grids
 
 TINY = {"preset": "tiny", "region_grid": None, "region_size": [2, 2, 2], "topk": [2, 2, 1, 1]}
@@ -98,3 +100,63 @@ def test_region_grid_and_topk_checked_against_the_patch_size():
         check_network_input("h3de_net", {**TINY, "topk": [2, 2, 2, 2]}, (64, 64, 64))  # stage 4: 1 region
     with pytest.raises(ConfigError, match="data.patch_size"):
         load_config(None, ["model=h3de_net", "data.patch_size=[64,64,64]"])
+
+
+def test_attention_scale_defaults_to_the_preset_and_an_explicit_value_wins():
+    def scale(network):
+        return network.stages[0][0].attn.scale
+
+    assert scale(net()) == pytest.approx(8**-0.5)  # tiny: head_dim^-0.5
+    assert scale(net(attention_scale="width")) == pytest.approx(16**-0.5)  # tiny stage 1 is 16 wide
+    reference = build_network("h3de_net", 1, 3, {"preset": "reference"})
+    assert scale(reference) == pytest.approx(64**-0.5)  # reference: the original code's width^-0.5
+    assert scale(build_network("h3de_net", 1, 3, {"preset": "reference", "attention_scale": "head"})) == 8**-0.5
+    with pytest.raises(ConfigError, match="attention_scale 'qk' is not one of head, width"):
+        load_config(None, ["model=h3de_net", "model.h3de_net.attention_scale=qk"])
+
+
+def test_decoder_block_equals_its_convolutions_over_the_concatenation():
+    torch.manual_seed(0)
+    block = DecoderBlock(8, 4, 6, norm="group")
+    x, skip = torch.randn(2, 8, 3, 4, 5), torch.randn(2, 4, 6, 8, 10)
+    explicit = nn.Sequential.forward(block.convs[0], torch.cat([block.up(x), skip], dim=1))
+    torch.testing.assert_close(block(x, skip), block.convs[1](explicit), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # the in-place norm and activation
+        torch.testing.assert_close(block(x, skip), block.convs[1](explicit).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["concat", "sum"])
+def test_feature_fusion_equals_project_resize_merge(mode):
+    torch.manual_seed(0)
+    fusion = FeatureFusion([4, 6, 8], 5, mode)
+    if mode == "sum":
+        nn.init.normal_(fusion.weights)
+    features = [torch.randn(2, 4, 8, 8, 6), torch.randn(2, 6, 4, 4, 3), torch.randn(2, 8, 2, 2, 2)]
+    resized = [
+        F.interpolate(project(f), size=(8, 8, 6), mode="trilinear")
+        for project, f in zip(fusion.inputs, features, strict=True)
+    ]
+    if mode == "concat":
+        merged = torch.cat(resized, dim=1)
+    else:
+        merged = sum(w * r for w, r in zip(torch.softmax(fusion.weights, 0), resized, strict=True))
+    torch.testing.assert_close(fusion(features), fusion.out(merged), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("full_res_levels", [2, 1])
+def test_inference_and_recomputation_keep_outputs_and_gradients(full_res_levels):
+    torch.manual_seed(0)
+    plain = net(full_res_levels=full_res_levels, recompute_full_res=False)
+    recomputed = net(full_res_levels=full_res_levels)
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32)
+    outs = []
+    for network in (plain, recomputed):
+        out = network(x)
+        out.square().mean().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1])
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    with torch.inference_mode():  # in-place norms and activations, tensors freed early
+        torch.testing.assert_close(plain(x), outs[0], rtol=1e-5, atol=1e-5)

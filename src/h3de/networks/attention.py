@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["route_regions", "bi_level_routing_attention", "DepthwiseConv3d", "VolumetricBRA"]
+__all__ = ["ATTENTION_SCALES", "route_regions", "bi_level_routing_attention", "DepthwiseConv3d", "VolumetricBRA"]
+
+ATTENTION_SCALES = ("head", "width")  # softmax scale head_dim^-0.5 or dim^-0.5 (VolumetricBRA)
 
 
 def _check_triple(name: str, value: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -93,9 +95,11 @@ def bi_level_routing_attention(
     topk: int,
     num_heads: int,
     valid: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Bi-level routing attention on a 3D token grid: every token attends, per head, over the tokens of
-    the ``topk`` regions routed to its region (``route_regions``), with softmax scale head_dim^-0.5.
+    the ``topk`` regions routed to its region (``route_regions``), with softmax scale ``scale`` (default
+    head_dim^-0.5).
 
     With ``topk`` = R every token sees every token: this is dense attention and is computed as such. With
     ``topk`` = 1 and on average two or more query regions per routed key region, the query regions that
@@ -110,6 +114,7 @@ def bi_level_routing_attention(
         num_heads: attention heads; C must be divisible by it.
         valid: optional (B, D, H, W) bool mask of real tokens; False (padded) tokens are never keys and
             stay out of the routing, so the output at real tokens does not depend on their content.
+        scale: the factor of q k^T before the softmax; None: head_dim^-0.5.
 
     Returns:
         (B, D, H, W, C), before local context enhancement and output projection.
@@ -139,7 +144,7 @@ def bi_level_routing_attention(
         # Every region routes to every region, so every query sees every key: dense attention.
         q_t, k_t, v_t = (t.reshape(B, N, num_heads, head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, e)
         mask = None if valid is None else valid.reshape(B, 1, 1, N)
-        out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask)  # (B, heads, N, e)
+        out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask, scale=scale)  # (B, heads, N, e)
         return out.transpose(1, 2).reshape(B, D, H, W, C)
 
     # STEP 1: route between regions (no gradient)
@@ -152,9 +157,9 @@ def bi_level_routing_attention(
     flat = [t.reshape(B * N, C) for t in (q, k, v)]  # 3 x (B N, C)
     valid_flat = None if valid is None else valid.reshape(B * N)  # (B N)
     if topk == 1 and 2 * torch.unique(key_regions).numel() <= B * R:  # on average >= 2 regions per key region
-        out = _attend_shared_keys(*flat, tokens, key_regions[:, 0], num_heads, valid_flat)  # (B R, T, C)
+        out = _attend_shared_keys(*flat, tokens, key_regions[:, 0], num_heads, valid_flat, scale)  # (B R, T, C)
     else:
-        out = _attend_gathered(*flat, tokens, key_regions, num_heads, valid_flat)  # (B R, T, C)
+        out = _attend_gathered(*flat, tokens, key_regions, num_heads, valid_flat, scale)  # (B R, T, C)
     d, h, w = D // Rd, H // Rh, W // Rw
     return (
         out.view(B, Rd, Rh, Rw, d, h, w, C)
@@ -171,6 +176,7 @@ def _attend_gathered(
     key_regions: torch.Tensor,
     num_heads: int,
     valid: torch.Tensor | None,
+    scale: float | None,
 ) -> torch.Tensor:
     """Every query region attends over the tokens of its routed regions, gathered per query region
     straight from the grid (one copy of k and v per routed region), as one batch of B R sequences.
@@ -181,6 +187,7 @@ def _attend_gathered(
         key_regions: (B R, topk) routed regions, indices into B R.
         num_heads: attention heads.
         valid: optional (B N) bool, False for tokens that are never keys.
+        scale: softmax scale (None: head_dim^-0.5).
 
     Returns:
         (B R, T, C), regions in order.
@@ -195,7 +202,7 @@ def _attend_gathered(
     )  # (B R, heads, topk T, e)
     mask = None if valid is None else valid[key_index].view(BR, 1, 1, topk * T)
     # STEP 3: attend (fused kernel: no (B R, heads, T, topk T) matrix is kept)
-    out = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, attn_mask=mask)  # (B R, heads, T, e)
+    out = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, attn_mask=mask, scale=scale)  # (B R, heads, T, e)
     return out.transpose(1, 2).reshape(BR, T, C)
 
 
@@ -207,6 +214,7 @@ def _attend_shared_keys(
     key_region: torch.Tensor,
     num_heads: int,
     valid: torch.Tensor | None,
+    scale: float | None,
 ) -> torch.Tensor:
     """Top-1 routing: the query regions routed to one key region attend over it as one long query
     sequence, so k and v are not copied per query region and the fused kernel runs on longer (faster)
@@ -230,6 +238,7 @@ def _attend_shared_keys(
             k_group.unsqueeze(0).transpose(1, 2),  # (1, heads, T, e)
             v_group.unsqueeze(0).transpose(1, 2),  # (1, heads, T, e)
             attn_mask=mask,  # (1, 1, 1, T)
+            scale=scale,
         )  # (1, heads, n T, e)
         outs.append(out.transpose(1, 2).reshape(-1, C))  # (n T, C)
     return torch.cat(outs).view(BR, T, C).index_select(0, torch.argsort(order))  # (B R, T, C)
@@ -302,6 +311,10 @@ class VolumetricBRA(nn.Module):
             (pass ``region_grid=None`` with ``region_size``).
         lce_kernel: odd kernel size of the local context enhancement; 0 disables it.
         qkv_bias: bias of the qkv projection.
+        attention_scale: softmax scale of the token attention: "head" multiplies q k^T by head_dim^-0.5
+            (the usual multi-head scale, BiFormer's refactored attention), "width" by dim^-0.5 (the original
+            H3DE-Net and BiFormer legacy code, whose scale is qk_dim^-0.5 for the whole width: a softmax
+            num_heads^0.5 times flatter). The routing (a top-k) does not depend on it.
 
     Raises:
         ValueError: bad widths, topk, region options or kernel; in fixed-size mode, forward raises when
@@ -317,8 +330,11 @@ class VolumetricBRA(nn.Module):
         region_size: tuple[int, int, int] | None = None,
         lce_kernel: int = 5,
         qkv_bias: bool = True,
+        attention_scale: str = "head",
     ) -> None:
         super().__init__()
+        if attention_scale not in ATTENTION_SCALES:
+            raise ValueError(f"attention_scale '{attention_scale}' is not one of {', '.join(ATTENTION_SCALES)}")
         if head_dim < 1 or dim < 1 or dim % head_dim:
             raise ValueError(f"dim={dim} must be a positive multiple of head_dim={head_dim}")
         if topk < 1:
@@ -339,6 +355,7 @@ class VolumetricBRA(nn.Module):
         if lce_kernel < 0 or (lce_kernel and lce_kernel % 2 == 0):
             raise ValueError(f"lce_kernel={lce_kernel} must be 0 (off) or an odd size")
         self.dim, self.topk, self.num_heads = dim, topk, dim // head_dim
+        self.scale = (head_dim if attention_scale == "head" else dim) ** -0.5
         self.region_grid, self.region_size = region_grid, region_size
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.lce = DepthwiseConv3d(dim, lce_kernel) if lce_kernel else None
@@ -376,7 +393,7 @@ class VolumetricBRA(nn.Module):
             valid = torch.zeros(padded, dtype=torch.bool, device=x.device)
             valid[:D, :H, :W] = True
             valid = valid.expand(B, *padded)  # (B, D', H', W')
-        out = bi_level_routing_attention(q, k, v, regions, self.topk, self.num_heads, valid)
+        out = bi_level_routing_attention(q, k, v, regions, self.topk, self.num_heads, valid, self.scale)
         if valid is not None:
             out = out[:, :D, :H, :W]  # (B, D, H, W, C)
         if lce is not None:

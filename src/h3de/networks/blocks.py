@@ -49,7 +49,11 @@ class ChannelLayerNorm(nn.LayerNorm):
 
 
 class ConvNormAct(nn.Sequential):
-    """Conv3d (k, stride, 'same'-style padding) -> norm -> activation (nn.Identity() when act is None)."""
+    """Conv3d (k, stride, 'same'-style padding) -> norm -> activation (nn.Identity() when act is None).
+
+    When no gradient is recorded (``torch.no_grad`` / ``torch.inference_mode``), a GroupNorm and a LeakyReLU
+    run in place on the convolution's output, so a call holds one output-sized tensor instead of two.
+    """
 
     def __init__(
         self,
@@ -67,6 +71,29 @@ class ConvNormAct(nn.Sequential):
             activation,
         )
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, D, H, W) -> (B, C_out, D / stride, H / stride, W / stride)."""
+        return self.norm_act(self[0](x))
+
+    def norm_act(self, y: torch.Tensor) -> torch.Tensor:
+        """The norm and activation of the convolution's output ``y`` (in place when no gradient is recorded)."""
+        norm, act = self[1], self[2]
+        if not isinstance(norm, nn.GroupNorm) or (torch.is_grad_enabled() and y.requires_grad):
+            return act(norm(y))
+        y = _group_norm_(y, norm)
+        return F.leaky_relu_(y, act.negative_slope) if isinstance(act, nn.LeakyReLU) else act(y)
+
+
+def _group_norm_(y: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """``norm(y)`` computed in place in ``y`` (B, C, D, H, W); for use without gradients."""
+    B, C = y.shape[:2]
+    groups = y.view(B, norm.num_groups, -1)  # (B, G, C / G * DHW)
+    var, mean = torch.var_mean(groups, dim=-1, keepdim=True, correction=0)  # (B, G, 1)
+    groups.sub_(mean).mul_(torch.rsqrt(var + norm.eps))
+    if norm.affine:
+        y.mul_(norm.weight.view(1, C, 1, 1, 1)).add_(norm.bias.view(1, C, 1, 1, 1))
+    return y
+
 
 class HybridBlock(nn.Module):
     """H3DE-Net encoder block (pre-norm): depthwise-conv positional encoding, V-BRA, MLP.
@@ -82,6 +109,7 @@ class HybridBlock(nn.Module):
         mlp_ratio: hidden width of the MLP relative to ``dim``.
         attention: False gives the "CNN only" ablation (the attention branch is omitted).
         lce_kernel: kernel of V-BRA's local context enhancement (0 disables it).
+        attention_scale: V-BRA softmax scale, "head" (head_dim^-0.5) or "width" (dim^-0.5).
     """
 
     def __init__(
@@ -94,6 +122,7 @@ class HybridBlock(nn.Module):
         mlp_ratio: float = 4.0,
         attention: bool = True,
         lce_kernel: int = 5,
+        attention_scale: str = "head",
     ) -> None:
         super().__init__()
         self.pos = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
@@ -106,6 +135,7 @@ class HybridBlock(nn.Module):
                 region_grid=tuple(region_grid) if region_grid is not None else None,
                 region_size=tuple(region_size) if region_size is not None else None,
                 lce_kernel=lce_kernel,
+                attention_scale=attention_scale,
             )
             if attention
             else None
@@ -162,6 +192,11 @@ class TrilinearUp(nn.Module):
 class DecoderBlock(nn.Module):
     """Upsample x2 (super-resolution or trilinear), concatenate the skip, two conv-norm-LeakyReLU.
 
+    The first convolution over the concatenation [up(x), skip] is computed as the sum of its two parts
+    (the convolution of up(x) with the first ``out_ch`` input channels of its kernel plus that of the skip
+    with the rest): the same result without a concatenated copy, which at full resolution is the largest
+    tensor of the block.
+
     Args:
         in_ch: channels of the coarser input.
         skip_ch: channels of the skip connection (at twice the resolution).
@@ -184,8 +219,15 @@ class DecoderBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = self.up(x)
-        return self.convs(torch.cat([x, skip], dim=1))
+        """(B, in_ch, D, H, W), skip (B, skip_ch, 2D, 2H, 2W) -> (B, out_ch, 2D, 2H, 2W)."""
+        first, second = self.convs
+        conv = first[0]
+        x = self.up(x)  # (B, out_ch, 2D, 2H, 2W)
+        w_up, w_skip = conv.weight.split([x.shape[1], skip.shape[1]], dim=1)
+        y = F.conv3d(x, w_up, padding=conv.padding)  # (B, out_ch, 2D, 2H, 2W)
+        del x  # freed before the skip's convolution when no gradient is recorded
+        y += F.conv3d(skip, w_skip, padding=conv.padding)
+        return second(first.norm_act(y))
 
 
 class FeatureFusion(nn.Module):
@@ -193,7 +235,12 @@ class FeatureFusion(nn.Module):
 
     Each input is projected (1x1x1 conv) to ``out_ch`` and trilinearly resized to the first input's
     size; "concat" concatenates and projects, "sum" takes a softmax-weighted sum (learned weights) and
-    projects.
+    projects; then a LeakyReLU.
+
+    Computed without the resized projections or their concatenation: the input projection and the share
+    of the output projection that reads it are both 1x1x1 convolutions, and trilinear resizing (weights
+    summing to one) commutes with them, so each input goes through one composed 1x1x1 convolution at its
+    own resolution, is resized, and is summed into the output; the biases are added once at the end.
 
     Args:
         in_channels: channels of each input, finest scale first.
@@ -212,12 +259,20 @@ class FeatureFusion(nn.Module):
         self.out = nn.Sequential(nn.Conv3d(merged, out_ch, 1), nn.LeakyReLU(0.01, inplace=True))
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """features (B, C_i, D_i, H_i, W_i), finest first -> (B, out_ch, D_0, H_0, W_0)."""
         size = features[0].shape[2:]
-        resized = [
-            project(f) if f.shape[2:] == size else F.interpolate(project(f), size=size, mode="trilinear")
-            for project, f in zip(self.inputs, features, strict=True)
-        ]
+        out_conv = self.out[0]
+        w_out = out_conv.weight.flatten(1)  # (out_ch, merged)
         if self.mode == "concat":
-            return self.out(torch.cat(resized, dim=1))
-        weights = torch.softmax(self.weights, dim=0)
-        return self.out(sum(w * f for w, f in zip(weights, resized, strict=True)))
+            parts = w_out.split(w_out.shape[0], dim=1)  # n x (out_ch, out_ch)
+        else:
+            parts = [w * w_out for w in torch.softmax(self.weights, dim=0)]
+        y, bias = None, out_conv.bias
+        for part, project, f in zip(parts, self.inputs, features, strict=True):
+            weight = (part @ project.weight.flatten(1)).view(-1, f.shape[1], 1, 1, 1)  # (out_ch, C_i, 1, 1, 1)
+            bias = bias + part @ project.bias
+            z = F.conv3d(f, weight)  # (B, out_ch, D_i, H_i, W_i)
+            if z.shape[2:] != size:
+                z = F.interpolate(z, size=size, mode="trilinear")
+            y = z if y is None else y.add_(z)
+        return self.out[1](y.add_(bias.view(1, -1, 1, 1, 1)))

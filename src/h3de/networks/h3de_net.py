@@ -11,8 +11,9 @@ before the head. Two heads:
   one logit per landmark (see ``h3de.anchors``); the two full-resolution decoder levels are skipped.
 
 Every part is switchable for ablations (attention, super-resolution, fusion, region mode, sizes).
-Presets: "reference" (the published sizes) and "tiny" (trains on a CPU in minutes); explicitly given
-sizes override the preset's.
+Presets: "reference" (the published sizes, and the original code's attention scale width^-0.5) and
+"tiny" (trains on a CPU in minutes; scale head_dim^-0.5); explicitly given sizes and scale override the
+preset's.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from h3de.anchors import anchor_channels, init_anchor_head_
+from h3de.networks.attention import ATTENTION_SCALES
 from h3de.networks.blocks import ChannelLayerNorm, ConvNormAct, DecoderBlock, FeatureFusion, HybridBlock
 from h3de.networks.registry import register_network
 
@@ -36,12 +39,14 @@ PRESETS: dict[str, dict] = {
         "depths": (2, 2, 4, 2),
         "topk": (1, 4, 16, 16),
         "decoder_widths": (256, 128, 64, 32, 16),
+        "attention_scale": "width",  # the original code's softmax scale
     },
     "tiny": {
         "widths": (16, 32, 64, 128),
         "depths": (1, 1, 2, 1),
         "topk": (4, 4, 1, 1),
         "decoder_widths": (64, 32, 16, 16, 8),
+        "attention_scale": "head",
     },
 }
 STRIDES = (4, 8, 16, 32)
@@ -65,6 +70,8 @@ class H3DENet(nn.Module):
         topk: routed regions per stage.
         decoder_widths: channels of the five decoder levels (strides 16, 8, 4, 2, 1).
         head_dim: channels per attention head.
+        attention_scale: V-BRA softmax scale, "head" (head_dim^-0.5) or "width" (stage width^-0.5, the
+            original H3DE-Net code's scale: its attention uses qk_dim^-0.5 with qk_dim the whole width).
         region_grid: fixed region count per axis (the reference, 4x4x2), or None.
         region_size: fixed tokens per region per axis, or None; exactly one of the two is set.
         mlp_ratio: MLP width relative to the block width.
@@ -76,6 +83,9 @@ class H3DENet(nn.Module):
             1 or 0: the heatmap is predicted at stride 2 or 4 and trilinearly upsampled). Heatmap head only.
         num_anchors: anchors per cell (anchor head).
         norm: normalisation of the decoder's convolutions (the encoder uses per-token LayerNorm).
+        recompute_full_res: when gradients are recorded, the full-resolution decoder level (stride 1, with
+            its input skip) keeps none of its activations and is recomputed in the backward pass
+            (``torch.utils.checkpoint``): the same result and gradients for less memory and more time.
     """
 
     def __init__(
@@ -88,6 +98,7 @@ class H3DENet(nn.Module):
         topk: Sequence[int] = PRESETS["reference"]["topk"],
         decoder_widths: Sequence[int] = PRESETS["reference"]["decoder_widths"],
         head_dim: int = 8,
+        attention_scale: str = PRESETS["reference"]["attention_scale"],
         region_grid: Sequence[int] | None = (4, 4, 2),
         region_size: Sequence[int] | None = None,
         mlp_ratio: float = 4.0,
@@ -98,10 +109,14 @@ class H3DENet(nn.Module):
         full_res_levels: int = 2,
         num_anchors: int = 4,
         norm: str = "group",
+        recompute_full_res: bool = True,
     ) -> None:
         super().__init__()
         _check_sizes(head, widths, depths, topk, decoder_widths, head_dim, fusion, full_res_levels, num_anchors)
+        if attention_scale not in ATTENTION_SCALES:
+            raise ValueError(f"attention_scale '{attention_scale}' is not one of {', '.join(ATTENTION_SCALES)}")
         self.head_kind, self.full_res_levels = head, full_res_levels if head == "heatmap" else 0
+        self.recompute_full_res = recompute_full_res
         w, dw = list(widths), list(decoder_widths)
 
         # the encoder normalises each token over its channels (valid down to a 1x1x1 deepest stage)
@@ -115,7 +130,17 @@ class H3DENet(nn.Module):
         self.stages = nn.ModuleList(
             nn.Sequential(
                 *[
-                    HybridBlock(w[i], topk[i], head_dim, region_grid, region_size, mlp_ratio, attention, lce_kernel)
+                    HybridBlock(
+                        w[i],
+                        topk[i],
+                        head_dim,
+                        region_grid,
+                        region_size,
+                        mlp_ratio,
+                        attention,
+                        lce_kernel,
+                        attention_scale,
+                    )
                     for _ in range(depths[i])
                 ]
             )
@@ -165,20 +190,35 @@ class H3DENet(nn.Module):
             y = self.stage_norms[i](stage(y))
             features.append(y)
 
-        skips = features[2::-1] + [skip(x) for skip in self.input_skips]
-        y, levels = features[3], []
-        for block, skip in zip(self.decoder, skips, strict=True):
-            y = block(y, skip)
-            levels.append(y)
+        # every tensor is dropped once no later step reads it (without gradients it is then freed), and the
+        # input skips are computed just before their level: at full resolution they dominate the memory
+        y, skips = features.pop(), features[::-1]
+        del features
+        kept = 3 if self.fusion is not None else 1
+        levels = []  # the last `kept` decoder outputs, finest last
+        for i, block in enumerate(self.decoder):
+            if i == 4 and self.recompute_full_res and torch.is_grad_enabled():
+                y = checkpoint(self._input_level, i, y, x, use_reentrant=False)  # (B, dw4, D, H, W)
+            elif skips:
+                y = block(y, skips.pop(0))
+            else:
+                y = self._input_level(i, y, x)
+            levels = [*levels[1 - kept :], y] if kept > 1 else [y]
+        del y
         if self.fusion is not None:
-            y = self.fusion(levels[::-1][:3])
-        out = self.head(y)
+            levels = [self.fusion(levels[::-1])]
+        out = self.head(levels.pop())
 
         if self.head_kind == "anchor":
             return out[..., : math.ceil(size[0] / 4), : math.ceil(size[1] / 4), : math.ceil(size[2] / 4)]
         if self.full_res_levels < 2:
             out = F.interpolate(out, scale_factor=2 ** (2 - self.full_res_levels), mode="trilinear")
         return out[..., : size[0], : size[1], : size[2]]
+
+
+    def _input_level(self, i: int, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Decoder level ``i`` (3: stride 2, 4: stride 1) on ``y`` with its skip computed from the input ``x``."""
+        return self.decoder[i](y, self.input_skips[i - 3](x))
 
 
 def _check_sizes(head, widths, depths, topk, decoder_widths, head_dim, fusion, full_res_levels, num_anchors) -> None:
@@ -203,15 +243,18 @@ def _check_sizes(head, widths, depths, topk, decoder_widths, head_dim, fusion, f
 
 
 def _resolve(preset: str, sizes: dict) -> dict:
-    """The preset's sizes, overridden by the explicitly given (non-None) ones."""
+    """The preset's sizes (and attention scale), overridden by the explicitly given (non-None) ones."""
     if preset not in PRESETS:
         raise ValueError(f"preset '{preset}' is not one of {', '.join(PRESETS)}")
-    return {**PRESETS[preset], **{k: tuple(v) for k, v in sizes.items() if v is not None}}
+    given = {k: v if isinstance(v, str) else tuple(v) for k, v in sizes.items() if v is not None}
+    return {**PRESETS[preset], **given}
 
 
 def _check_input(params: dict, input_size: list[int]) -> None:
     """Every stage's token grid must hold the region grid, and each stage's top-k its regions."""
     sizes = _resolve(params.get("preset", "reference"), {k: params.get(k) for k in PRESETS["reference"]})
+    if sizes["attention_scale"] not in ATTENTION_SCALES:
+        raise ValueError(f"attention_scale '{sizes['attention_scale']}' is not one of {', '.join(ATTENTION_SCALES)}")
     grid, size = params.get("region_grid"), params.get("region_size")
     for stage, (tokens, k) in enumerate(zip(stage_token_grids(input_size), sizes["topk"], strict=True)):
         where = f"stage {stage + 1} (stride {STRIDES[stage]}) has {'x'.join(map(str, tokens))} tokens"
