@@ -101,6 +101,8 @@ def test_coarse_to_fine_trains_evaluates_and_predicts_on_a_tiny_phantom(tmp_path
         rows = list(csv.DictReader(f))
     local = [float(r["train/local_loss"]) for r in rows if r.get("train/local_loss")]
     assert len(local) == 3 and local[-1] < local[0], local
+    accuracy = [float(r["val/presence_accuracy"]) for r in rows if r.get("val/presence_accuracy")]
+    assert len(accuracy) == 3 and all(0.0 <= a <= 1.0 for a in accuracy)
     summary = evaluate(result.best_checkpoint, "val", tmp_path / "eval").summary
     assert abs(summary["mre_mm"] - result.best_val_mre_mm) < 1e-3
     out = predict(result.best_checkpoint, tmp_path / "phantom" / "images", tmp_path / "pred", progress=False)

@@ -17,7 +17,7 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["radial_errors", "summarize_errors", "sdr_key", "presence_summary", "LandmarkErrors"]
+__all__ = ["radial_errors", "summarize_errors", "sdr_key", "presence_summary", "LandmarkErrors", "PresenceScores"]
 
 
 def radial_errors(predicted: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -113,3 +113,24 @@ class LandmarkErrors(Metric):
         out = {k: torch.tensor(v, dtype=torch.float64) for k, v in summarize_errors(errors, self.radii_mm).items()}
         out["per_landmark"] = torch.nanmean(errors, dim=0)
         return out
+
+
+class PresenceScores(Metric):
+    """Accumulates (B, L) presence probabilities and ground-truth presence; syncs across processes by
+    concatenation; computes :func:`presence_summary` at ``threshold``."""
+
+    full_state_update = False
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.add_state("scores", default=[], dist_reduce_fx="cat")
+        self.add_state("present", default=[], dist_reduce_fx="cat")
+
+    def update(self, scores: torch.Tensor, present: torch.Tensor) -> None:
+        """scores: (B, L) in [0, 1]; present: (B, L) bool."""
+        self.scores.append(scores.float())
+        self.present.append(present.bool())
+
+    def compute(self) -> dict:
+        return presence_summary(dim_zero_cat(self.scores), dim_zero_cat(self.present), self.threshold)

@@ -18,7 +18,7 @@ from torchmetrics import MinMetric
 from h3de.config import config_from_dict
 from h3de.geometry import voxel_to_world
 from h3de.inference import Detection, detect
-from h3de.metrics import LandmarkErrors
+from h3de.metrics import LandmarkErrors, PresenceScores
 from h3de.networks import build_network, network_params, network_spec
 from h3de.readout import build_readout
 
@@ -58,6 +58,7 @@ class LandmarkModule(L.LightningModule):
         self.val_errors = LandmarkErrors(radii)
         self.test_errors = LandmarkErrors(radii)
         self.val_mre_best = MinMetric()
+        self.val_presence = PresenceScores(0.5)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) image -> the network's raw output (heatmaps, logits or anchor maps)."""
@@ -105,16 +106,25 @@ class LandmarkModule(L.LightningModule):
         """:func:`h3de.inference.detect` on each prepared scan of an inference batch (a list of samples)."""
         return [detect(self, sample) for sample in batch]
 
-    def _score(self, batch: list[dict[str, Any]], metric: LandmarkErrors) -> None:
-        world = torch.stack([d.world for d in self.detect_batch(batch)])
+    def _score(self, batch: list[dict[str, Any]], metric: LandmarkErrors) -> list[Detection]:
+        found = self.detect_batch(batch)
+        world = torch.stack([d.world for d in found])
         truth = torch.stack([s["landmarks_world"] for s in batch])
         present = torch.stack([s["present"] for s in batch])
         metric.update(world.to(self.device), truth.to(self.device), present.to(self.device))
+        return found
 
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        self._score(batch, self.val_errors)
+        found = self._score(batch, self.val_errors)
+        scores = torch.stack([d.presence for d in found]).to(self.device)
+        self.val_presence.update(scores, torch.stack([s["present"] for s in batch]).to(self.device))
 
     def on_validation_epoch_end(self) -> None:
+        presence = self.val_presence.compute()
+        self.val_presence.reset()
+        for key in ("presence_accuracy", "absent_f1"):  # None where undefined (e.g. nothing absent)
+            if presence[key] is not None:
+                self.log(f"val/{key}", float(presence[key]), sync_dist=True)
         mre = self._log_errors("val", self.val_errors, per_landmark=True)
         if torch.isfinite(mre):
             self.val_mre_best(mre)

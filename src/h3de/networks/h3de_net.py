@@ -215,7 +215,6 @@ class H3DENet(nn.Module):
             out = F.interpolate(out, scale_factor=2 ** (2 - self.full_res_levels), mode="trilinear")
         return out[..., : size[0], : size[1], : size[2]]
 
-
     def _input_level(self, i: int, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Decoder level ``i`` (3: stride 2, 4: stride 1) on ``y`` with its skip computed from the input ``x``."""
         return self.decoder[i](y, self.input_skips[i - 3](x))
