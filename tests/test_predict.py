@@ -145,3 +145,44 @@ def test_predict_refuses_an_unknown_format(tmp_path):
     ckpt = save_checkpoint(tmp_path / "probe.ckpt", C2F_PROBE, ["tip"])
     with pytest.raises(H3deError, match="unknown format"):
         predict(ckpt, tmp_path, tmp_path / "out", fmt="xlsx")
+
+
+def _bad_images(folder):
+    """name -> (path, words of the expected message) of images predict must refuse."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = np.random.default_rng(0).normal(size=(24, 24, 24)).astype(np.float32)
+    nan = np.full((24, 24, 24), np.nan, dtype=np.float32)
+    bad = {
+        "flat": (np.ones((24, 24), np.float32), np.eye(4), "3D"),
+        "series": (np.zeros((24, 24, 24, 3), np.float32) + good[..., None], np.eye(4), "3D"),
+        "zero_spacing": (good, None, "pixdim"),
+        "all_nan": (nan, np.eye(4), "NaN"),
+        "constant": (np.full((24, 24, 24), 7.0, np.float32), np.eye(4), "constant"),
+    }
+    out = {}
+    for name, (data, affine, words) in bad.items():
+        path = folder / f"{name}.nii.gz"
+        image = nib.Nifti1Image(data, None)
+        if name == "zero_spacing":  # a qform from pixdim only, stored as it is
+            image.header.set_qform(np.eye(4), code=1)
+            image.header["pixdim"][1:4] = (1.0, 0.0, 1.0)
+        else:
+            image.header.set_sform(affine, code=2)
+        nib.save(image, path)
+        out[name] = (path, words)
+    whole = folder / "whole.nii.gz"
+    nib.save(nib.Nifti1Image(good, np.eye(4)), whole)
+    truncated = folder / "truncated.nii.gz"
+    truncated.write_bytes(whole.read_bytes()[:300])
+    out["truncated"] = (truncated, "truncated.nii.gz")
+    return out
+
+
+def test_one_bad_image_gives_one_line_naming_it_and_writes_nothing(tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / "probe.ckpt", C2F_PROBE, ["tip"])
+    for name, (path, words) in _bad_images(tmp_path / "bad").items():
+        out = tmp_path / f"out_{name}"
+        assert main(["predict", str(ckpt), str(path), "--out", str(out), "--no-progress"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and path.name in err and words.lower() in err.lower(), (name, err)
+        assert "Traceback" not in err and not out.exists(), name

@@ -133,8 +133,11 @@ def _predict(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
     )
     total = len(result.case_ids) + len(result.failures)
-    seconds = ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items() if v)
-    print(f"predicted {len(result.case_ids)} of {total} cases into {result.out_dir} (seconds: {seconds})")
+    if result.case_ids:
+        seconds = ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items() if v)
+        print(f"predicted {len(result.case_ids)} of {total} cases into {result.out_dir} (seconds: {seconds})")
+    if result.failures and total == 1:
+        raise H3deError(next(iter(result.failures.values())))
     if result.failures:
         failed = "; ".join(f"{case}: {message}" for case, message in result.failures.items())
         raise H3deError(f"{len(result.failures)} of {total} cases failed: {failed}")

@@ -11,7 +11,8 @@ Writes into ``out_dir`` (each file atomically):
 - ``predictions.csv``: every case and landmark: position, presence, called present;
 - ``summary.json``: cases, failures (case -> message), seconds per part.
 
-A case that fails (unreadable image, bad geometry) is reported and skipped; the others complete.
+A case that fails (unreadable image, bad geometry) is reported and skipped; the others complete. When none
+succeeds, nothing is written (and an output folder made for the run is removed).
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def predict(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = load_checkpoint(checkpoint, map_location=device).to(device)
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     _check_writable(out_dir)
     cfg = config_from_dict(module.hparams["config"])
     chain = build_inference_transforms(cfg.data, cfg.detection, with_landmarks=False)
@@ -165,17 +167,21 @@ def predict(
             world, presence = found.world.numpy(), found.presence.numpy()
             called = presence >= presence_threshold
             written = np.where(called[:, None], world, np.nan)
-            write_landmarks(out_dir / f"{case}.{fmt}", names, written, presence)
             if qc:
                 _write_qc(out_dir / f"{case}_qc.png", cfg, image, case, names, world, presence, truth_files.get(case))
+            write_landmarks(out_dir / f"{case}.{fmt}", names, written, presence)  # last: a case's file means success
             result.timings["writing"] += time.perf_counter() - start
         except Exception as e:  # one bad case must not stop the others
             result.failures[case] = _root_message(e)
-            bar.write(f"h3de: {case}: skipped: {result.failures[case]}", file=sys.stderr)
+            if len(images) > 1:
+                bar.write(f"h3de: {case}: skipped: {result.failures[case]}", file=sys.stderr)
             continue
         result.case_ids.append(case)
         result.world[case], result.presence[case] = world, presence
-    _write_summary(result, names, presence_threshold, checkpoint, fmt)
+    if result.case_ids:
+        _write_summary(result, names, presence_threshold, checkpoint, fmt)
+    elif created and not any(out_dir.iterdir()):
+        out_dir.rmdir()  # nothing succeeded: leave no output folder behind
     return result
 
 
