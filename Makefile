@@ -62,6 +62,10 @@ benchmark: $(STAMP) $(PHANTOM)/.version-$(PHANTOM_VERSION) ## run every benchmar
 	$(BIN)/python benchmarks/networks.py
 	$(BIN)/python benchmarks/anchor_loss.py
 	$(BIN)/python benchmarks/phantom_accuracy.py
+	$(BIN)/python benchmarks/presence.py
+	$(MAKE) data-fine
+	$(BIN)/python benchmarks/fine_accuracy.py
+	$(BIN)/python benchmarks/predict_cost.py
 
 clean: ## remove runs and generated data (keeps .venv)
 	rm -rf runs wandb $(PHANTOM) $(PHANTOM_FINE)
