@@ -109,7 +109,7 @@ def build_transforms(
         if mode == "coarse_to_fine":
             steps.append(CopyItemsd("image", names="source"))
         steps += [
-            Spacingd("image", pixdim=spacing, mode="bilinear", padding_mode="border"),
+            _resample(spacing),
             ResizeWithPadOrCropd("image", spatial_size=tuple(cfg.patch_size), mode="constant"),
         ]
         if mode == "coarse_to_fine":
@@ -169,13 +169,16 @@ def build_inference_transforms(
     steps = load_and_normalise(cfg)
     if mode == "coarse_to_fine":
         steps.append(CopyItemsd("image", names="source"))
-    steps.append(
-        Spacingd("image", pixdim=tuple(float(s) for s in cfg.spacing_mm), mode="bilinear", padding_mode="border")
-    )
+    steps.append(_resample(tuple(float(s) for s in cfg.spacing_mm)))
     if mode != "sliding_window":
         steps.append(SpatialPadd("image", spatial_size=tuple(cfg.patch_size), mode="constant"))
     steps.append(PackInferenced("image", "source" if mode == "coarse_to_fine" else None, with_landmarks))
     return Compose(steps)
+
+
+def _resample(spacing: tuple[float, ...]) -> Spacingd:
+    # float32 interpolation: MONAI's float64 default costs a third more on a whole CT for nothing measurable
+    return Spacingd("image", pixdim=spacing, mode="bilinear", padding_mode="border", dtype=torch.float32)
 
 
 def load_and_normalise(cfg: DataConfig) -> list:
