@@ -42,10 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     predict = commands.add_parser("predict", help="landmarks of new scans (no ground truth needed)")
-    predict.add_argument("checkpoint")
+    predict.add_argument("checkpoint", help="a .ckpt written by h3de train")
     predict.add_argument("inputs", metavar="IMAGE_OR_FOLDER", help="a NIfTI/NRRD image or a folder of them")
     predict.add_argument("--out", required=True, help="output folder")
-    predict.add_argument("--format", default="mrk.json", choices=("mrk.json", "fcsv", "csv", "json"))
+    predict.add_argument(
+        "--format",
+        default="mrk.json",
+        choices=("mrk.json", "fcsv", "csv", "json"),
+        help="landmark file format, RAS mm (default mrk.json: 3D Slicer markups)",
+    )
     predict.add_argument("--qc", action="store_true", help="write <case>_qc.png: slices through each prediction")
     predict.add_argument("--truth", default=None, help="landmark file (one image) or folder of them, drawn in the QC")
     predict.add_argument(
