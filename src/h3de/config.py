@@ -184,6 +184,7 @@ class LocalStageConfig:
     offset_mm: float = 8.0  # +- per axis around the true landmark (training only)
     rotate_deg: float = 10.0  # +- random rotation of the patch about each axis (training only)
     loss_weight: float = 1.0  # weight of the local loss beside the global one
+    patches_per_sample: int | None = None  # training patches per sample (null: one per landmark); bounds memory
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="unet"))
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -428,6 +429,8 @@ def _validate_detection(cfg: DictConfig) -> None:
     for key in ("detection.sw_batch_size", "detection.max_heatmap_gib", "local.heatmap_sigma", "local.loss_weight"):
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+    if cfg.local.patches_per_sample is not None and cfg.local.patches_per_sample < 1:
+        raise ConfigError(f"local.patches_per_sample must be positive or null, got {cfg.local.patches_per_sample}")
     for key in ("local.offset_mm", "local.rotate_deg"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key} must not be negative, got {OmegaConf.select(cfg, key)}")

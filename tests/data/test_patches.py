@@ -104,3 +104,18 @@ def test_training_chains_of_coarse_to_fine_and_sliding_window(blob_dataset):
     chain = build_transforms(sw.data, manifest.mirror_permutation(), True, True, sw.detection, sw.local)
     sample = chain(dict(record))
     assert sample["image"].shape == (1, 16, 16, 16) and sample["heatmap"].shape == (count, 16, 16, 16)
+
+
+def test_a_fixed_patch_count_centres_patches_on_present_landmarks_only():
+    voxels = torch.tensor([[12.3, 15.6, 20.2], [27.1, 24.4, 18.9]], dtype=torch.float64)
+    world = torch.cat([voxel_to_world(voxels, AFFINE), torch.full((1, 3), torch.nan, dtype=torch.float64)])
+    transform = LocalPatchesd("source", "points", [0.8, 0.8, 0.8], (16, 16, 16), 1.0, 0.0, 0.0, count=5)
+    transform.set_random_state(1)
+    out = transform({"source": _blob_volume(voxels), "points": world})
+    assert out["local_image"].shape == (5, 1, 16, 16, 16) and out["local_heatmap"].shape == (5, 3, 16, 16, 16)
+    centres = voxel_to_world(torch.full((1, 3), 7.5, dtype=torch.float64), out["local_affine"])[:, 0]
+    nearest = torch.cdist(centres, world[:2]).min(dim=1).values
+    assert nearest.max() < 1e-6  # every patch on a present landmark (no offset drawn)
+    owners = torch.cdist(centres, world[:2]).argmin(dim=1)
+    assert set(owners.tolist()) == {0, 1}  # both present landmarks get patches
+    assert not out["local_mask"][:, 2].any()

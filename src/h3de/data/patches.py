@@ -101,16 +101,17 @@ def _points(data: Mapping[Hashable, torch.Tensor], key: str) -> torch.Tensor:
 
 
 class LocalPatchesd(Randomizable, MapTransform):
-    """Training patches of the coarse-to-fine local stage, one per landmark, with their heatmap targets.
+    """Training patches of the coarse-to-fine local stage, K per sample, with their heatmap targets.
 
-    Patch k is centred on landmark k's true world position plus a uniform offset of up to ``offset_mm`` per
-    axis, rotated by up to ``rotate_deg`` about each axis. An absent landmark's patch is centred on a randomly
-    chosen present landmark instead, so every sample has L patches. Each patch supervises every landmark that
-    falls inside it.
+    Each patch is centred on one landmark's true world position plus a uniform offset of up to ``offset_mm``
+    per axis, rotated by up to ``rotate_deg`` about each axis. With ``count`` None there is one patch per
+    landmark (K = L; an absent landmark's patch goes to a randomly chosen present one); otherwise K = ``count``
+    patches go to present landmarks drawn without repetition while they last, which bounds the memory of
+    many-landmark datasets (targets grow as K x L). Each patch supervises every landmark that falls inside it.
 
     Reads ``source_key`` (MetaTensor (C, D, H, W) with its affine) and ``points_key`` ((L, 3) world mm, NaN =
-    absent). Writes ``local_image`` (L, C, *size) float32, ``local_heatmap`` (L, L, *size) float32,
-    ``local_mask`` (L, L) bool (landmark j inside patch k), ``local_affine`` (L, 4, 4) float64.
+    absent). Writes ``local_image`` (K, C, *size) float32, ``local_heatmap`` (K, L, *size) float32,
+    ``local_mask`` (K, L) bool (landmark j inside patch k), ``local_affine`` (K, 4, 4) float64.
     """
 
     def __init__(
@@ -122,38 +123,47 @@ class LocalPatchesd(Randomizable, MapTransform):
         sigma: float,
         offset_mm: float,
         rotate_deg: float,
+        count: int | None = None,
     ) -> None:
         MapTransform.__init__(self, [source_key])
         self.source_key, self.points_key = source_key, points_key
         self.spacing, self.size = tuple(float(s) for s in spacing), tuple(int(s) for s in size)
-        self.sigma, self.offset_mm, self.rotate_deg = sigma, offset_mm, rotate_deg
+        self.sigma, self.offset_mm, self.rotate_deg, self.count = sigma, offset_mm, rotate_deg, count
 
-    def randomize(self, count: int) -> None:
-        """Draw, for ``count`` patches: offsets (mm), rotations and which landmark stands in for an absent one."""
+    def randomize(self, landmarks: int) -> None:
+        """Draw, for K patches of ``landmarks`` landmarks: offsets (mm), rotations, and an order of preference
+        among the landmarks (which ones get a patch, and which stand in for absent ones)."""
+        count = self.count or landmarks
         self._offsets = torch.as_tensor(self.R.uniform(-self.offset_mm, self.offset_mm, (count, 3)))
         self._rotations = _random_rotations(self.R, count, self.rotate_deg) if self.rotate_deg > 0 else None
-        self._stand_ins = self.R.random_sample(count)  # in [0, 1): picks among the present landmarks
+        self._order = torch.as_tensor(self.R.permutation(landmarks))
+
+    def _targets(self, present: torch.Tensor) -> torch.Tensor:
+        """(K,) the landmark each patch is centred on; present landmarks only."""
+        preferred = self._order[present[self._order]]  # present landmarks in the drawn order
+        if self.count is None:  # one per landmark; absent ones replaced by present ones in the drawn order
+            own = torch.arange(len(present))
+            absent = torch.nonzero(~present).flatten()
+            own[absent] = preferred[torch.arange(len(absent)) % len(preferred)]
+            return own
+        return preferred[torch.arange(self.count) % len(preferred)]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         source = d[self.source_key]
         world = _points(d, self.points_key)  # (L, 3)
-        count = len(world)
-        self.randomize(count)
+        self.randomize(len(world))
         present = torch.isfinite(world).all(-1)
-        centres = world.clone()
+        count = self.count or len(world)
         if present.any():
-            pool = torch.nonzero(present).flatten()
-            stand_ins = pool[(torch.as_tensor(self._stand_ins) * len(pool)).long()]
-            centres[~present] = world[stand_ins[~present]]
+            centres = world[self._targets(present)]
         else:  # nothing to look for: patches at the volume's centre teach "absent" everywhere
             middle = (torch.as_tensor(source.shape[1:], dtype=torch.float64) - 1) / 2
-            centres[:] = source.affine[:3, :3].double() @ middle + source.affine[:3, 3].double()
-        centres = centres + self._offsets
-        rotations = self._rotations
-        affines = patch_affines(centres, self.spacing, self.size, rotations)
+            centre = source.affine[:3, :3].double() @ middle + source.affine[:3, 3].double()
+            centres = centre.expand(count, 3)
+        affines = patch_affines(centres + self._offsets, self.spacing, self.size, self._rotations)
         d["local_image"] = sample_patches(source.as_tensor(), source.affine, affines, self.size)
-        voxels = world_to_voxel(world.expand(count, count, 3), affines)  # (K, L, 3) in each patch
+        voxels = world_to_voxel(world.expand(count, *world.shape), affines)  # (K, L, 3) in each patch
         mask = points_in_volume(voxels, self.size)
         d["local_heatmap"] = gaussian_heatmaps(torch.where(mask[..., None], voxels, torch.nan), self.size, self.sigma)
         d["local_mask"] = mask

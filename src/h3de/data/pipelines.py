@@ -122,6 +122,7 @@ def build_transforms(
                     local.heatmap_sigma,
                     local.offset_mm if train else 0.0,
                     local.rotate_deg if train and cfg.augment.enabled else 0.0,
+                    local.patches_per_sample,
                 ),
                 DeleteItemsd("source"),
             ]
