@@ -105,3 +105,25 @@ def test_sliding_window_decodes_landmarks_in_chunks_within_the_memory_budget(tmp
     tight.cfg.detection.max_heatmap_gib = 1.0
     detect(tight, sample)
     assert windows >= 3 * len(calls)  # several chunks, each a full pass of windows
+
+
+def test_coarse_to_fine_presence_is_the_mean_of_both_stages(tmp_path, blob_dataset):
+    from h3de.data.patches import patch_affines, sample_patches
+
+    names = ["a_L", "a_R", "top", "front"]
+    overrides = ["model.unet.channels=[4,8]", "model.unet.strides=[2]", "data.spacing_mm=[3,3,3]"]
+    overrides += ["data.patch_size=[16,16,16]", "detection.mode=coarse_to_fine", "local.patch_size=[12,12,12]"]
+    overrides += ["local.model.unet.channels=[4,8]", "local.model.unet.strides=[2]"]
+    module = load_checkpoint(save_checkpoint(tmp_path / "c.ckpt", overrides, names))
+    chain = build_inference_transforms(module.cfg.data, module.cfg.detection, with_landmarks=False)
+    sample = chain({"image": str(blob_dataset.parent / "images" / "case_0.nii.gz"), "case_id": "c"})
+    found = detect(module, sample)
+    with torch.no_grad():
+        _, global_presence = module.readout.decode(module.network(sample["image"].as_tensor()[None]))
+        size = (12, 12, 12)
+        affines = patch_affines(found.coarse_world, module.cfg.local.spacing_mm, size)
+        patches = sample_patches(sample["source"].as_tensor(), sample["source"].affine, affines, size)
+        own = module.local_network(patches)[torch.arange(4), torch.arange(4)]
+        _, local_presence = module.local_readout.decode(own[None])
+    torch.testing.assert_close(found.presence, (global_presence[0] + local_presence[0]) / 2)
+    assert not torch.allclose(global_presence, local_presence)

@@ -10,7 +10,10 @@ Modes (``detection.mode`` of the model's config):
 - ``sliding_window``: MONAI's sliding-window inferer (Gaussian-weighted overlap) over the whole volume,
   decoding landmarks in chunks so that the full-resolution maps of a chunk fit ``detection.max_heatmap_gib``.
 - ``coarse_to_fine``: ``whole`` as the global stage, then the local stage on one fine patch per landmark,
-  centred on its coarse estimate; the patch's own landmark channel is decoded.
+  centred on its coarse estimate; the patch's own landmark channel is decoded. The presence probability is
+  the mean of the two stages' (the global one sees the whole scan, the local one the anatomy at fine
+  resolution): on the 1 mm phantom's val split it separates the absent teeth at 0.5 where the global
+  stage's alone calls none absent (``benchmarks/fine_accuracy.md``).
 
 Positions are decoded on the grid the network saw and mapped to world mm through that grid's affine, which
 MONAI kept through every preprocessing step: the result is in the world space of the original file.
@@ -92,10 +95,12 @@ def detect(module: Any, sample: dict[str, Any], timings: dict[str, float] | None
             with clock("decoding"):
                 voxel, presence = module.readout.decode(output)
         world = voxel_to_world(voxel[0].double().cpu(), affine)  # (L, 3)
+        presence = presence[0].float().cpu()
         coarse = world
         if cfg.mode == "coarse_to_fine":
-            world = _refine(module, sample["source"], world, device, clock)
-    return Detection(world, presence[0].float().cpu(), coarse)
+            world, local_presence = _refine(module, sample["source"], world, device, clock)
+            presence = (presence + local_presence) / 2
+    return Detection(world, presence, coarse)
 
 
 def _sliding_window(module: Any, x: torch.Tensor, clock: _Stopwatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +132,11 @@ def _sliding_window(module: Any, x: torch.Tensor, clock: _Stopwatch) -> tuple[to
     return torch.cat(positions, dim=1), torch.cat(scores, dim=1)
 
 
-def _refine(module: Any, source: Any, coarse: torch.Tensor, device: torch.device, clock: _Stopwatch) -> torch.Tensor:
-    """(L, 3) world mm refined by the local stage on fine patches centred on the ``coarse`` estimates."""
+def _refine(
+    module: Any, source: Any, coarse: torch.Tensor, device: torch.device, clock: _Stopwatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """((L, 3) world mm refined by the local stage on fine patches centred on the ``coarse`` estimates, (L,) the
+    local stage's presence: is the landmark in its patch)."""
     local = module.cfg.local
     size = tuple(int(s) for s in local.patch_size)
     with clock("patches"):
@@ -141,5 +149,5 @@ def _refine(module: Any, source: Any, coarse: torch.Tensor, device: torch.device
             rows = torch.arange(len(batch), device=device)
             own.append(module.local_network(batch)[rows, rows + start])  # each patch's own landmark channel
     with clock("decoding"):
-        voxel, _ = module.local_readout.decode(torch.cat(own)[None])  # (1, L, 3) each in its own patch
-    return voxel_to_world(voxel[0].double().cpu()[:, None], affines)[:, 0]
+        voxel, presence = module.local_readout.decode(torch.cat(own)[None])  # (1, L, 3) each in its own patch
+    return voxel_to_world(voxel[0].double().cpu()[:, None], affines)[:, 0], presence[0].float().cpu()
