@@ -9,7 +9,9 @@ landmark at its mean training position.
     .venv/bin/python benchmarks/fine_accuracy.py [EXPERIMENT.yaml[:SEEDS] ...] [--seeds 3] [--epochs N]
 
 ``EXPERIMENT.yaml:N`` trains that experiment with seeds 0..N-1 instead of ``--seeds``. The report is rewritten after
-each experiment, so an interrupted run keeps what it finished.
+each experiment, so an interrupted run keeps what it finished. ``--reuse`` evaluates the newest finished run of each
+experiment and seed under runs/benchmarks instead of training again (after a change to inference only); its training
+minutes are then the run's own, from its config.yaml's time to its last written file.
 """
 
 from __future__ import annotations
@@ -39,15 +41,30 @@ DEFAULT = [
 KEYS = ("val", "test", "sd", "median", "max", "sdr2", "sdr4", "paired", "absent_f1", "presence_accuracy", "minutes")
 
 
-def run(experiment: str, seed: int, epochs: int | None) -> dict:
-    """Train and test one experiment with one seed."""
+def finished_run(cfg) -> tuple[Path, float]:
+    """(best checkpoint, training minutes) of the newest finished run of ``cfg`` (same seed and epochs)."""
+    for run_dir in sorted((Path(cfg.output_dir) / cfg.name).glob("*/"), reverse=True):
+        saved = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+        done = (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        if saved is None or not done or saved.seed != cfg.seed or saved.trainer.max_epochs != cfg.trainer.max_epochs:
+            continue
+        last = max(p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file() and "eval_" not in str(p))
+        return run_dir / "checkpoints" / "best.ckpt", (last - (run_dir / "config.yaml").stat().st_mtime) / 60
+    sys.exit(f"--reuse: no finished run of {cfg.name} with seed {cfg.seed} under {cfg.output_dir}")
+
+
+def run(experiment: str, seed: int, epochs: int | None, reuse: bool = False) -> dict:
+    """Train (or, ``reuse``, find the finished run of) and test one experiment with one seed."""
     overrides = ["logger=csv", "output_dir=runs/benchmarks", "trainer.enable_progress_bar=false", f"seed={seed}"]
     overrides += [f"trainer.max_epochs={epochs}"] if epochs else []
     cfg = load_config(experiment, overrides)
-    start = time.perf_counter()
-    result = train(cfg)
-    minutes = (time.perf_counter() - start) / 60
-    evaluation = evaluate(result.best_checkpoint, "test")
+    if reuse:
+        best, minutes = finished_run(cfg)
+    else:
+        start = time.perf_counter()
+        best = train(cfg).best_checkpoint
+        minutes = (time.perf_counter() - start) / 60
+    evaluation = evaluate(best, "test")
     errors = evaluation.errors[~torch.isnan(evaluation.errors)]
     names = list(evaluation.summary["per_landmark_mre_mm"])
     paired = [names.index(n) for pair in PHANTOM_MIRRORED_PAIRS for n in pair]
@@ -57,7 +74,7 @@ def run(experiment: str, seed: int, epochs: int | None) -> dict:
         "mode": cfg.detection.mode,
         "model": cfg.model.name + (f" + {cfg.local.model.name}" if cfg.detection.mode == "coarse_to_fine" else ""),
         "epochs": cfg.trainer.max_epochs,
-        "val": result.best_val_mre_mm,
+        "val": best_val(best),
         "test": s["mre_mm"],
         "sd": s["mre_sd_mm"],
         "median": errors.median().item(),
@@ -71,6 +88,12 @@ def run(experiment: str, seed: int, epochs: int | None) -> dict:
         "minutes": minutes,
         "baseline": baseline(cfg),
     }
+
+
+def best_val(checkpoint: Path) -> float:
+    """The best val MRE (mm) that chose ``checkpoint``, from the state its ModelCheckpoint saved in it."""
+    states = torch.load(checkpoint, weights_only=True)["callbacks"]
+    return next(float(v["best_model_score"]) for k, v in states.items() if "'monitor': 'val/mre_mm'" in k)
 
 
 def baseline(cfg) -> float:
@@ -93,13 +116,14 @@ def main() -> None:
     parser.add_argument("experiments", nargs="*", default=DEFAULT)
     parser.add_argument("--seeds", type=int, default=3, help="train each experiment with seeds 0..N-1")
     parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
+    parser.add_argument("--reuse", action="store_true", help="evaluate the newest finished runs instead of training")
     args = parser.parse_args()
     if not Path("data/phantom_1mm/dataset.json").is_file():
         sys.exit("data/phantom_1mm is missing: run `make data-fine` first")
     rows = []
     for item in args.experiments:
         experiment, _, seeds = item.partition(":")
-        runs = [run(experiment, seed, args.epochs) for seed in range(int(seeds) if seeds else args.seeds)]
+        runs = [run(experiment, seed, args.epochs, args.reuse) for seed in range(int(seeds) if seeds else args.seeds)]
         row = {**runs[0], **{k: mean(runs, k) for k in KEYS}, "tests": [r["test"] for r in runs]}
         row["seed_sd"] = statistics.stdev(row["tests"]) if len(runs) > 1 else float("nan")
         rows.append(row)
@@ -129,8 +153,15 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
             for r in rows
         ],
         "",
-        f"Reproduce: `make data-fine && .venv/bin/python benchmarks/fine_accuracy.py {' '.join(args.experiments)} "
-        f"--seeds {args.seeds}" + (f" --epochs {args.epochs}" if args.epochs else "") + "`",
+        f"Reproduce: `make data-fine && .venv/bin/python benchmarks/fine_accuracy.py {' '.join(args.experiments)}"
+        + ("" if all(":" in e for e in args.experiments) else f" --seeds {args.seeds}")
+        + (f" --epochs {args.epochs}" if args.epochs else "")
+        + "`"
+        + (
+            " (after training; `--reuse` evaluated the finished runs with the current inference code)"
+            if args.reuse
+            else ""
+        ),
         "",
     ]
     write_report(__file__, lines)
