@@ -1,6 +1,6 @@
 """User-facing errors: the CLI prints their message and exits non-zero, without a traceback."""
 
-__all__ = ["H3deError", "ConfigError", "DataError"]
+__all__ = ["H3deError", "ConfigError", "DataError", "root_cause"]
 
 
 class H3deError(Exception):
@@ -13,3 +13,13 @@ class ConfigError(H3deError):
 
 class DataError(H3deError):
     """A dataset file (image, landmark file, manifest) is missing, corrupt or inconsistent."""
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The H3deError behind wrappings of ``error`` (MONAI wraps transform errors), else ``error`` itself."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, H3deError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return error

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from h3de.config import config_from_dict
 from h3de.data.landmark_io import LANDMARK_SUFFIXES, read_landmarks, write_landmarks
 from h3de.data.pipelines import build_inference_transforms
-from h3de.errors import H3deError
+from h3de.errors import H3deError, root_cause
 from h3de.evaluate import load_checkpoint
 from h3de.inference import detect
 from h3de.io_utils import atomic_write, csv_text
@@ -97,16 +97,6 @@ def _check_writable(out_dir: Path) -> None:
         raise H3deError(f"{out_dir}: cannot write predictions there ({e.strerror or e})") from None
 
 
-def _root_message(error: BaseException) -> str:
-    """The user-facing message behind MONAI's wrapping of transform errors."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, H3deError):
-            return str(seen)
-        seen = seen.__cause__ or seen.__context__
-    return f"{type(error).__name__}: {error}"
-
-
 def predict(
     checkpoint: str | Path,
     inputs: str | Path,
@@ -168,11 +158,13 @@ def predict(
             called = presence >= presence_threshold
             written = np.where(called[:, None], world, np.nan)
             if qc:
-                _write_qc(out_dir / f"{case}_qc.png", cfg, image, case, names, world, presence, truth_files.get(case))
+                truth_file = truth_files.get(case)
+                _write_qc(out_dir / f"{case}_qc.png", sample, loaded, cfg, case, names, world, presence, truth_file)
             write_landmarks(out_dir / f"{case}.{fmt}", names, written, presence)  # last: a case's file means success
             result.timings["writing"] += time.perf_counter() - start
         except Exception as e:  # one bad case must not stop the others
-            result.failures[case] = _root_message(e)
+            cause = root_cause(e)
+            result.failures[case] = str(cause) if cause is not e else f"{type(e).__name__}: {e}"
             if len(images) > 1:
                 bar.write(f"h3de: {case}: skipped: {result.failures[case]}", file=sys.stderr)
             continue
@@ -185,11 +177,14 @@ def predict(
     return result
 
 
-def _write_qc(path, cfg, image: Path, case: str, names, world, presence, truth_file: Path | None) -> None:
-    from h3de.data.pipelines import load_and_normalise  # the volume as the model saw it, at full resolution
+def _write_qc(path, sample, loaded, cfg, case: str, names, world, presence, truth_file: Path | None) -> None:
+    from h3de.data.pipelines import load_and_normalise
     from h3de.plots import qc_slices
 
-    volume = Compose(load_and_normalise(cfg.data))({"image": str(image)})["image"]
+    # the normalised RAS volume at full resolution: coarse-to-fine keeps it; otherwise orient the volume read
+    volume = sample.get("source")
+    if volume is None:
+        volume = Compose(load_and_normalise(cfg.data)[1:])(dict(loaded))["image"]
     truth = None
     if truth_file is not None:
         truth_names, positions = read_landmarks(truth_file)

@@ -21,7 +21,7 @@ from h3de.config import DataConfig, DetectionConfig, LocalStageConfig
 from h3de.data.images import read_header
 from h3de.data.manifest import Case, Manifest, load_manifest
 from h3de.data.pipelines import build_inference_transforms, build_transforms
-from h3de.errors import DataError, H3deError
+from h3de.errors import DataError, root_cause
 
 __all__ = ["LandmarkDataModule", "EpochSampler", "check_case", "list_of_samples"]
 
@@ -41,16 +41,6 @@ def check_case(manifest: Manifest, case: Case) -> torch.Tensor:
     read_header(case.image)
     positions = manifest.read_case_landmarks(case)
     return torch.as_tensor(positions, dtype=torch.float64)[None]
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    """The H3deError behind MONAI's wrapping of transform errors, if any."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, H3deError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return error
 
 
 class EpochSampler(Sampler[int]):
@@ -128,7 +118,7 @@ class _CacheDataset(CacheDataset):
         try:
             return super()._transform(index)
         except Exception as e:
-            cause = _root_cause(e)
+            cause = root_cause(e)
             if cause is e:
                 raise
             raise cause from None
@@ -225,7 +215,7 @@ class LandmarkDataModule(L.LightningDataModule):
                 progress=False,
             )
         except Exception as e:
-            cause = _root_cause(e)
+            cause = root_cause(e)
             if cause is e:
                 raise
             raise cause from None
