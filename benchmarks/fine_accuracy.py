@@ -10,8 +10,8 @@ landmark at its mean training position.
 
 ``EXPERIMENT.yaml:N`` trains that experiment with seeds 0..N-1 instead of ``--seeds``. The report is rewritten after
 each experiment, so an interrupted run keeps what it finished. ``--reuse`` evaluates the newest finished run of each
-experiment and seed under runs/benchmarks instead of training again (after a change to inference only); its training
-minutes are then the run's own, from its config.yaml's time to its last written file.
+experiment and seed under runs/benchmarks where there is one (after a change to inference only, or to add seeds) and
+trains the others; a reused run's training minutes are its own, from its config.yaml's time to its last written file.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ DEFAULT = [
 KEYS = ("val", "test", "sd", "median", "max", "sdr2", "sdr4", "paired", "absent_f1", "presence_accuracy", "minutes")
 
 
-def finished_run(cfg) -> tuple[Path, float]:
-    """(best checkpoint, training minutes) of the newest finished run of ``cfg`` (same seed and epochs)."""
+def finished_run(cfg) -> tuple[Path, float] | None:
+    """(best checkpoint, training minutes) of the newest finished run of ``cfg`` (same seed and epochs), if any."""
     for run_dir in sorted((Path(cfg.output_dir) / cfg.name).glob("*/"), reverse=True):
         saved = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
         done = (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -50,7 +50,7 @@ def finished_run(cfg) -> tuple[Path, float]:
             continue
         last = max(p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file() and "eval_" not in str(p))
         return run_dir / "checkpoints" / "best.ckpt", (last - (run_dir / "config.yaml").stat().st_mtime) / 60
-    sys.exit(f"--reuse: no finished run of {cfg.name} with seed {cfg.seed} under {cfg.output_dir}")
+    return None
 
 
 def run(experiment: str, seed: int, epochs: int | None, reuse: bool = False) -> dict:
@@ -58,8 +58,9 @@ def run(experiment: str, seed: int, epochs: int | None, reuse: bool = False) -> 
     overrides = ["logger=csv", "output_dir=runs/benchmarks", "trainer.enable_progress_bar=false", f"seed={seed}"]
     overrides += [f"trainer.max_epochs={epochs}"] if epochs else []
     cfg = load_config(experiment, overrides)
-    if reuse:
-        best, minutes = finished_run(cfg)
+    found = finished_run(cfg) if reuse else None
+    if found is not None:
+        best, minutes = found
     else:
         start = time.perf_counter()
         best = train(cfg).best_checkpoint
@@ -116,7 +117,7 @@ def main() -> None:
     parser.add_argument("experiments", nargs="*", default=DEFAULT)
     parser.add_argument("--seeds", type=int, default=3, help="train each experiment with seeds 0..N-1")
     parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
-    parser.add_argument("--reuse", action="store_true", help="evaluate the newest finished runs instead of training")
+    parser.add_argument("--reuse", action="store_true", help="evaluate the newest finished runs where they exist, train the others")
     args = parser.parse_args()
     if not Path("data/phantom_1mm/dataset.json").is_file():
         sys.exit("data/phantom_1mm is missing: run `make data-fine` first")
@@ -158,7 +159,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
         + (f" --epochs {args.epochs}" if args.epochs else "")
         + "`"
         + (
-            " (after training; `--reuse` evaluated the finished runs with the current inference code)"
+            " (`--reuse` evaluated the runs finished earlier with the current code, and trained the others)"
             if args.reuse
             else ""
         ),

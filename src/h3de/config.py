@@ -156,8 +156,9 @@ class DetectionConfig:
     - ``whole``: one network over the whole volume resampled to ``data.spacing_mm`` (padded to at least
       ``data.patch_size``); trained on centre crops of that size.
     - ``sliding_window``: trained on random ``data.patch_size`` patches at ``data.spacing_mm``, a share of them
-      placed around a landmark; predicted with MONAI's sliding-window inferer (Gaussian-weighted overlap). Needs a
-      loss whose outputs compare across windows (weighted_mse or ball_ohnm).
+      placed around a landmark; predicted with MONAI's sliding-window inferer (Gaussian-weighted overlap). Any
+      heatmap loss: its outputs compare across windows (spatial_ce's voxel logits are each measured against the
+      landmark's learned absent logit, which a window without the landmark is trained to exceed everywhere).
     - ``coarse_to_fine``: the ``whole`` model as the global stage, then the ``local`` stage refines each landmark
       on a fine patch centred on its coarse estimate.
     """
@@ -413,15 +414,10 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _validate_detection(cfg: DictConfig) -> None:
-    """Inference-mode rules: sliding windows need comparable outputs; the local stage a heatmap network."""
+    """Inference-mode rules: ranges of the detection settings; the local stage a heatmap network that fits its patch."""
     from h3de.networks import check_network_input, network_params, network_spec
 
     mode = cfg.detection.mode
-    if mode == "sliding_window" and cfg.loss.name not in ("weighted_mse", "ball_ohnm"):
-        raise ConfigError(
-            f"detection.mode=sliding_window needs outputs that compare across windows: loss.name=weighted_mse or "
-            f"ball_ohnm, not '{cfg.loss.name}' (a softmax is normalised per window)"
-        )
     if not 0.0 <= cfg.detection.overlap < 1.0:
         raise ConfigError(f"detection.overlap must lie in [0, 1), got {cfg.detection.overlap}")
     if not 0.0 <= cfg.detection.landmark_patch_prob <= 1.0:
