@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("experiments", nargs="*", default=DEFAULT)
     parser.add_argument("--seeds", type=int, default=3, help="train each experiment with seeds 0..N-1")
     parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
-    parser.add_argument("--reuse", action="store_true", help="evaluate the newest finished runs where they exist, train the others")
+    parser.add_argument("--reuse", action="store_true", help="evaluate finished runs where they exist")
     args = parser.parse_args()
     if not Path("data/phantom_1mm/dataset.json").is_file():
         sys.exit("data/phantom_1mm is missing: run `make data-fine` first")

@@ -181,10 +181,12 @@ def _write_qc(path, sample, loaded, cfg, case: str, names, world, presence, trut
     from h3de.data.pipelines import load_and_normalise
     from h3de.plots import qc_slices
 
-    # the normalised RAS volume at full resolution: coarse-to-fine keeps it; otherwise orient the volume read
-    volume = sample.get("source")
-    if volume is None:
-        volume = Compose(load_and_normalise(cfg.data)[1:])(dict(loaded))["image"]
+    # the normalised volume at full resolution, oriented to RAS: coarse-to-fine keeps it; otherwise the volume read
+    _, orient, normalise = load_and_normalise(cfg.data)
+    if "source" in sample:
+        volume = orient({"image": sample["source"]})["image"]
+    else:
+        volume = Compose([orient, normalise])(dict(loaded))["image"]
     truth = None
     if truth_file is not None:
         truth_names, positions = read_landmarks(truth_file)

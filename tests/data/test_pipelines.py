@@ -103,3 +103,41 @@ def test_augmentation_is_reproducible_with_random_state(tmp_path):
         transform.set_random_state(7)
         outs.append(transform(raw))
     assert torch.equal(outs[0]["image"], outs[1]["image"]) and torch.equal(outs[0]["affine"], outs[1]["affine"])
+
+
+@pytest.mark.parametrize("kind", ["ras", "lps", "oblique", "permuted"])
+@pytest.mark.parametrize("spacing", [3.0, 0.8])
+def test_inference_resampling_equals_monai_reorientation_then_spacing(tmp_path, kind, spacing):
+    """ResampleRASd gives the training chain's grid (affine and shape) and values, coarser or finer."""
+    from monai.transforms import Compose, Orientationd, Spacingd
+
+    from h3de.data.patches import ResampleRASd
+    from h3de.data.pipelines import LoadVolumed
+
+    loaded = LoadVolumed("image")(sample(tmp_path, kind))
+    labels = (("L", "R"), ("P", "A"), ("I", "S"))
+    monai = Compose(
+        [
+            Orientationd("image", axcodes="RAS", labels=labels),
+            Spacingd("image", pixdim=(spacing,) * 3, mode="bilinear", padding_mode="border", dtype=torch.float32),
+        ]
+    )(dict(loaded))["image"]
+    ours = ResampleRASd("image", (spacing,) * 3)(dict(loaded))["image"]
+    assert ours.shape == monai.shape
+    assert torch.equal(ours.affine.double(), monai.affine.double())
+    scale = monai.abs().max()
+    assert (ours.as_tensor() - monai.as_tensor()).abs().max() <= 1e-5 * scale
+
+
+def test_zscore_matches_monai_and_keep_item_shares_the_tensor():
+    from monai.transforms import NormalizeIntensityd
+
+    from h3de.data.transforms import KeepItemd, ZScored
+
+    image = torch.rand(1, 9, 8, 7) * 300 - 40
+    expected = NormalizeIntensityd("image")({"image": image.clone()})["image"]
+    out = ZScored("image")({"image": image})["image"]
+    assert torch.allclose(out, expected, atol=1e-5) and abs(out.mean()) < 1e-5
+    assert torch.equal(ZScored("image")({"image": torch.full((1, 2, 2, 2), 7.0)})["image"], torch.zeros(1, 2, 2, 2))
+    kept = KeepItemd("image", "source")({"image": out})
+    assert kept["source"] is kept["image"]

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable
+from monai.transforms import MapTransform, Orientation, Randomizable, Spacing
 
 from h3de.geometry import world_to_voxel
 from h3de.targets import gaussian_heatmaps, points_in_volume
 
-__all__ = ["patch_affines", "sample_patches", "LocalPatchesd", "RandLandmarkPatchd"]
+__all__ = ["patch_affines", "sample_patches", "ResampleRASd", "LocalPatchesd", "RandLandmarkPatchd"]
 
 
 def patch_affines(
@@ -53,15 +53,20 @@ def patch_affines(
 
 
 def sample_patches(
-    volume: torch.Tensor, affine: torch.Tensor, patch_affine: torch.Tensor, size: Sequence[int]
+    volume: torch.Tensor,
+    affine: torch.Tensor,
+    patch_affine: torch.Tensor,
+    size: Sequence[int],
+    padding: str = "zeros",
 ) -> torch.Tensor:
-    """Trilinear samples of ``volume`` on the patch grids; zero outside the volume.
+    """Trilinear samples of ``volume`` on the patch grids.
 
     Args:
-        volume: (C, D, H, W) source volume.
+        volume: (C, D, H, W) source volume, in any memory layout (it is never copied whole).
         affine: (4, 4) its voxel-to-world matrix.
         patch_affine: (K, 4, 4) voxel-to-world matrices of the patches (:func:`patch_affines`).
         size: (3,) voxels per patch side.
+        padding: the value outside the volume: "zeros", or "border" (that of the nearest edge voxel).
 
     Returns:
         (K, C, *size) float32 patches on ``volume``'s device.
@@ -77,9 +82,47 @@ def sample_patches(
     shape = torch.as_tensor(volume.shape[1:], dtype=torch.float32, device=device)
     normalised = 2 * source / (shape - 1).clamp_min(1) - 1  # align_corners=True: voxel 0 -> -1, n - 1 -> 1
     grid = normalised.flip(-1).reshape(1, -1, *size[1:], 3)  # grid_sample wants (x, y, z) = (W, H, D) order
-    out = F.grid_sample(volume[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = F.grid_sample(volume[None].float(), grid, mode="bilinear", padding_mode=padding, align_corners=True)
     # (1, C, K * size[0], size[1], size[2]) -> (K, C, *size)
     return out.reshape(volume.shape[0], len(patch_affine), *size).transpose(0, 1).contiguous()
+
+
+class ResampleRASd(MapTransform):
+    """The whole volume on the grid that MONAI's ``Orientationd("RAS")`` then ``Spacingd(spacing)`` make (the
+    training chain's: same affine, same shape, bilinear, border padding), sampled in one world-space pass from
+    the volume in its own orientation.
+
+    Written for the inference chain's speed: MONAI's pair copies the whole full-resolution scan twice (the flip of
+    the reorientation, then a contiguous copy before ``grid_sample``), which cost more than the network on a 1 mm
+    head. The grid itself is MONAI's: both transforms are applied lazily to a stand-in of the image's shape and
+    affine, and their pending affine and shape read back.
+
+    Args:
+        key: the image key (MetaTensor (C, X, Y, Z) with its affine); replaced by the resampled float32 volume.
+        spacing: (3,) mm of the output grid.
+    """
+
+    def __init__(self, key: str, spacing: Sequence[float]) -> None:
+        super().__init__([key])
+        self.key = key
+        labels = (("L", "R"), ("P", "A"), ("I", "S"))
+        self.orient = Orientation(axcodes="RAS", labels=labels, lazy=True)
+        self.resample = Spacing(pixdim=tuple(spacing), mode="bilinear", padding_mode="border", lazy=True)
+
+    def grid(self, image: MetaTensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """(4, 4) float64 affine and (3,) shape of the output grid for ``image``."""
+        stand_in = MetaTensor(torch.zeros(()).expand(1, *image.shape[1:]), affine=image.affine)  # no voxels
+        pending = self.resample(self.orient(stand_in))
+        shape = tuple(int(s) for s in pending.peek_pending_shape())
+        return torch.as_tensor(pending.peek_pending_affine(), dtype=torch.float64), shape
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        image = d[self.key]
+        affine, shape = self.grid(image)
+        out = sample_patches(image.as_tensor(), image.affine, affine[None], shape, padding="border")[0]
+        d[self.key] = MetaTensor(out, affine=affine, meta={"filename_or_obj": image.meta.get("filename_or_obj")})
+        return d
 
 
 def _random_rotations(rng: np.random.RandomState, count: int, max_deg: float) -> torch.Tensor:

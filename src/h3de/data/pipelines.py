@@ -21,7 +21,6 @@ from monai.transforms import (
     CopyItemsd,
     DeleteItemsd,
     MapTransform,
-    NormalizeIntensityd,
     Orientationd,
     RandAffined,
     RandGaussianNoised,
@@ -37,8 +36,16 @@ from monai.utils import MetaKeys, SpaceKeys
 from h3de.config import AugmentConfig, DataConfig, DetectionConfig, LocalStageConfig
 from h3de.data.elastic import RandElasticPointsd
 from h3de.data.images import read_volume
-from h3de.data.patches import LocalPatchesd, RandLandmarkPatchd
-from h3de.data.transforms import LandmarkHeatmapd, LandmarkMaskd, PackInferenced, PackLandmarkSampled, RandMirrord
+from h3de.data.patches import LocalPatchesd, RandLandmarkPatchd, ResampleRASd
+from h3de.data.transforms import (
+    KeepItemd,
+    LandmarkHeatmapd,
+    LandmarkMaskd,
+    PackInferenced,
+    PackLandmarkSampled,
+    RandMirrord,
+    ZScored,
+)
 
 __all__ = ["build_transforms", "build_inference_transforms", "load_and_normalise", "LoadVolumed"]
 
@@ -152,10 +159,11 @@ def build_inference_transforms(
 ) -> Compose:
     """The deterministic chain that prepares a whole scan for :func:`h3de.inference.detect`.
 
-    No crop and no ground truth: the whole volume is resampled to ``cfg.spacing_mm`` (and, except for
-    sliding windows, padded to at least ``cfg.patch_size``); coarse-to-fine keeps the normalised RAS volume at
-    its own resolution as ``source`` for the local patches. World coordinates are those of the file: MONAI's
-    affine follows every step.
+    No crop and no ground truth: the whole volume is normalised and resampled onto the RAS grid of
+    ``cfg.spacing_mm`` that training uses (:class:`~h3de.data.patches.ResampleRASd`), and, except for sliding
+    windows, padded to at least ``cfg.patch_size``; coarse-to-fine keeps the normalised volume at its own
+    resolution and orientation as ``source`` for the local patches (sampled in world space). World coordinates
+    are those of the file: every step carries its affine.
 
     Args:
         cfg: the ``data`` section of the experiment config.
@@ -167,10 +175,11 @@ def build_inference_transforms(
         :class:`~h3de.data.transforms.PackInferenced`.
     """
     mode = detection.mode if detection is not None else "whole"
-    steps = load_and_normalise(cfg)
+    load, _, normalise = load_and_normalise(cfg)
+    steps = [load, normalise]  # the intensity statistics do not depend on the orientation
     if mode == "coarse_to_fine":
-        steps.append(CopyItemsd("image", names="source"))
-    steps.append(_resample(tuple(float(s) for s in cfg.spacing_mm)))
+        steps.append(KeepItemd("image", "source"))  # resampling makes a new tensor: no copy needed
+    steps.append(ResampleRASd("image", cfg.spacing_mm))  # the grid of the training chain's reorientation + Spacingd
     if mode != "sliding_window":
         steps.append(SpatialPadd("image", spatial_size=tuple(cfg.patch_size), mode="constant"))
     steps.append(PackInferenced("image", "source" if mode == "coarse_to_fine" else None, with_landmarks))
@@ -193,7 +202,7 @@ def load_and_normalise(cfg: DataConfig) -> list:
 
 def _normalizer(name: str):
     if name == "zscore":
-        return NormalizeIntensityd("image")
+        return ZScored("image")
     if name == "percentile":
         return ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
     raise ValueError(f"unknown normalisation '{name}'")
