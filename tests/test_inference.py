@@ -133,14 +133,14 @@ def test_coarse_to_fine_presence_is_the_mean_of_both_stages(tmp_path, blob_datas
 
 
 class AskedLandmarkProbe(nn.Module):
-    """Ignores the image: a Gaussian at patch voxel (3 + l, c, c) for the landmark l its one-hot channels ask for."""
+    """Ignores the image: a Gaussian at patch voxel (3 + l, c, c) for the landmark l whose gated channel holds the patch."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.gain = nn.Parameter(torch.ones(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        asked = x[:, 1:].mean(dim=(2, 3, 4)).argmax(dim=1).float()  # (B,)
+        asked = x[:, 1:].abs().sum(dim=(2, 3, 4)).argmax(dim=1).float()  # (B,): the one channel not all zero
         middle = torch.full_like(asked, (x.shape[3] - 1) / 2)
         points = torch.stack([3 + asked, middle, middle], dim=-1)[:, None]  # (B, 1, 3)
         return self.gain * gaussian_heatmaps(points, tuple(x.shape[2:]), 1.0)

@@ -114,6 +114,6 @@ def test_conditioned_local_stage_learns_each_patch_on_the_landmark_it_is_asked_f
     loss.backward()
     for name, p in m.local_network.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-    with torch.no_grad():  # the one-hot channels change the answer
+    with torch.no_grad():  # the gated channels change the answer
         image = batch["local_image"][0, :1]
         assert not torch.allclose(m.local_network(image, torch.tensor([0])), m.local_network(image, torch.tensor([1])))

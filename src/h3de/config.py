@@ -180,8 +180,8 @@ class LocalStageConfig:
 
     - ``shared``: the patch in, one heatmap per landmark out; the patch's own landmark is read, and training
       supervises every landmark that falls in a patch.
-    - ``conditioned``: the patch plus L constant one-hot channels naming the landmark to find in, that landmark's
-      one heatmap out; training supervises each patch on the landmark it was drawn for only.
+    - ``conditioned``: the patch plus L gated copies of it (the copy in the asked landmark's channel, zeros in the
+      others) in, that landmark's one heatmap out; training supervises each patch on the landmark it was drawn for only.
     """
 
     design: str = "shared"  # shared | conditioned

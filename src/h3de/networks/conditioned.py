@@ -1,8 +1,11 @@
 """A heatmap network asked for one landmark at a time (the ``conditioned`` design of the coarse-to-fine local stage).
 
-The image gets L constant one-hot channels saying which landmark to find (channel 1 + l is 1 everywhere for
-landmark l, the others 0) and the network outputs that landmark's single map. The alternative, ``shared``, is a
-plain registry network with one output channel per landmark.
+The network gets the image plus L gated copies of it: channel 1 + l holds the image when landmark l is asked for
+and zeros otherwise, so each landmark has its own first-layer filters on top of the shared ones. Constant one-hot
+channels would say the same, but a constant's response is removed by the instance normalisation after the first
+convolution (it only survives at the padded borders); an image-shaped one survives it. The network outputs the
+asked landmark's single map. The alternative, ``shared``, is a plain registry network with one output channel
+per landmark.
 """
 
 from __future__ import annotations
@@ -32,6 +35,6 @@ class LandmarkConditioned(nn.Module):
     def forward(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) image, (B,) long landmark indices -> (B, 1, D, H, W) the asked landmark's map."""
         onehot = F.one_hot(landmarks, self.num_landmarks).to(image.dtype)  # (B, L)
-        channels = onehot[:, :, None, None, None].expand(-1, -1, *image.shape[2:])  # (B, L, D, H, W)
-        output = self.network(torch.cat([image, channels], dim=1))  # (B, 1, D, H, W)
+        gated = image * onehot[:, :, None, None, None]  # (B, L, D, H, W): the image in the asked landmark's channel
+        output = self.network(torch.cat([image, gated], dim=1))  # (B, 1, D, H, W)
         return output + self.landmark_bias[landmarks].to(output.dtype)[:, None, None, None, None]
