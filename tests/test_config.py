@@ -32,6 +32,7 @@ def test_defaults_file_and_overrides_merge_in_order(tmp_path):
         ("nosuchsection.x=1", "nosuchsection"),
         ("data.batch_size=abc", "data.batch_size"),
         ("loss.name=l1", "loss.name"),
+        ("local.design=foo", "local.design='foo'"),
         ("model.name=resnet", "model.name='resnet'"),
         ("data.spacing_mm=[1,2]", "data.spacing_mm"),
         ("data.augment.flip_prob=1.5", "data.augment.flip_prob"),

@@ -77,7 +77,8 @@ def test_both_h3de_heads_train_on_the_phantom(tmp_path, model, loss):
     assert all(0.0 <= s <= 1.0 for s in scores)
 
 
-def test_coarse_to_fine_trains_evaluates_and_predicts_on_a_tiny_phantom(tmp_path):
+@pytest.mark.parametrize("design", ["shared", "conditioned"])
+def test_coarse_to_fine_trains_evaluates_and_predicts_on_a_tiny_phantom(tmp_path, design):
     from h3de.predict import predict
 
     generate_phantom(tmp_path / "phantom", seed=3, num_cases=5, voxel_mm=3.0)
@@ -87,6 +88,7 @@ def test_coarse_to_fine_trains_evaluates_and_predicts_on_a_tiny_phantom(tmp_path
             "model.unet.channels=[8,16,32]",
             "model.unet.strides=[2,2]",
             "detection.mode=coarse_to_fine",
+            f"local.design={design}",
             "local.spacing_mm=[2,2,2]",
             "local.patch_size=[16,16,16]",
             "local.offset_mm=6",

@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from h3de.data.pipelines import build_inference_transforms
 from h3de.evaluate import load_checkpoint
-from h3de.inference import detect
+from h3de.inference import _LOCAL_BATCH, detect
+from h3de.networks import LandmarkConditioned, available_networks, register_network
+from h3de.targets import gaussian_heatmaps
 from inference_helpers import save_checkpoint, write_one_blob
 
 PROBE = ["model.name=intensity_probe", "loss=weighted_mse", "data.heatmap_sigma=1.0"]
@@ -127,3 +130,42 @@ def test_coarse_to_fine_presence_is_the_mean_of_both_stages(tmp_path, blob_datas
         _, local_presence = module.local_readout.decode(own[None])
     torch.testing.assert_close(found.presence, (global_presence[0] + local_presence[0]) / 2)
     assert not torch.allclose(global_presence, local_presence)
+
+
+class AskedLandmarkProbe(nn.Module):
+    """Ignores the image: a Gaussian at patch voxel (3 + l, c, c) for the landmark l whose gated channel holds the patch."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        asked = x[:, 1:].abs().sum(dim=(2, 3, 4)).argmax(dim=1).float()  # (B,): the one channel not all zero
+        middle = torch.full_like(asked, (x.shape[3] - 1) / 2)
+        points = torch.stack([3 + asked, middle, middle], dim=-1)[:, None]  # (B, 1, 3)
+        return self.gain * gaussian_heatmaps(points, tuple(x.shape[2:]), 1.0)
+
+
+if "asked_landmark_probe" not in available_networks():
+    register_network("asked_landmark_probe")(AskedLandmarkProbe)
+
+
+def test_conditioned_local_stage_asks_each_patch_for_its_own_landmark(tmp_path):
+    names = [f"l{i}" for i in range(_LOCAL_BATCH + 2)]  # two network calls
+    overrides = [*PROBE, "detection.mode=coarse_to_fine", "data.spacing_mm=[4,4,4]", "data.patch_size=[16,16,16]"]
+    overrides += ["local.design=conditioned", "local.model.name=asked_landmark_probe", "local.loss.name=weighted_mse"]
+    overrides += ["local.patch_size=[16,16,16]"]
+    module = load_checkpoint(save_checkpoint(tmp_path / "c.ckpt", overrides, names))
+    assert isinstance(module.local_network, LandmarkConditioned)
+    write_one_blob(tmp_path, "case", np.eye(4), (40, 40, 40), [20.3, 18.7, 21.1])
+    chain = build_inference_transforms(module.cfg.data, module.cfg.detection, with_landmarks=False)
+    sample = chain({"image": str(tmp_path / "images" / "case.nii.gz"), "case_id": "x"})
+    sizes = []
+    probe = module.local_network.network.forward
+    module.local_network.network.forward = lambda x: sizes.append(len(x)) or probe(x)
+    found = detect(module, sample)
+    assert sizes == [_LOCAL_BATCH, 2]
+    # landmark l read at patch voxel (3 + l, 7.5, 7.5) of its 1 mm RAS patch centred on its coarse estimate
+    shift = torch.zeros(len(names), 3, dtype=torch.float64)
+    shift[:, 0] = torch.arange(len(names)) + 3 - 7.5
+    torch.testing.assert_close(found.world - found.coarse_world, shift, atol=1e-3, rtol=0)

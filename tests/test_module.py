@@ -7,6 +7,7 @@ import torch
 from h3de.config import load_config, to_container
 from h3de.geometry import voxel_to_world
 from h3de.module import LandmarkModule
+from h3de.networks import LandmarkConditioned
 from h3de.targets import gaussian_heatmaps
 
 NAMES = ["a", "b", "c"]
@@ -88,3 +89,31 @@ def test_checkpoint_hyperparameters_rebuild_the_same_network():
     twin.load_state_dict(m.state_dict())
     x = torch.randn(1, 1, 8, 8, 8)
     assert torch.equal(m.eval()(x), twin.eval()(x))
+
+
+def test_conditioned_local_stage_learns_each_patch_on_the_landmark_it_is_asked_for():
+    m = module(
+        "detection.mode=coarse_to_fine",
+        "local.design=conditioned",
+        "local.patch_size=[8,8,8]",
+        "local.model.unet.channels=[4,8]",
+        "local.model.unet.strides=[2]",
+    )
+    assert isinstance(m.local_network, LandmarkConditioned)
+    drawn = torch.tensor([[0, 1, 2], [2, 0, 1]])  # (B, K): the landmark each patch is drawn for
+    # only the asked landmark's target is read: every other one is NaN, so reading it would make the loss NaN
+    heatmap = torch.full((2, 3, 3, 8, 8, 8), float("nan"))
+    mask = torch.zeros(2, 3, 3, dtype=torch.bool)
+    for b in range(2):
+        for k in range(3):
+            heatmap[b, k, drawn[b, k]] = gaussian_heatmaps(torch.rand(1, 3) * 7, (8, 8, 8), 1.5)[0]
+            mask[b, k, drawn[b, k]] = (b, k) != (1, 2)  # one asked landmark absent: a negative
+    batch = {"local_image": torch.randn(2, 3, 1, 8, 8, 8), "local_heatmap": heatmap, "local_mask": mask}
+    loss = m.local_step({**batch, "local_landmark": drawn})
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in m.local_network.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    with torch.no_grad():  # the gated channels change the answer
+        image = batch["local_image"][0, :1]
+        assert not torch.allclose(m.local_network(image, torch.tensor([0])), m.local_network(image, torch.tensor([1])))

@@ -172,13 +172,19 @@ class DetectionConfig:
 
 @dataclass
 class LocalStageConfig:
-    """The local stage of ``detection.mode=coarse_to_fine``: one network shared by all landmarks.
+    """The local stage of ``detection.mode=coarse_to_fine``: one network (``model``) for all landmarks.
 
-    It sees a fine patch around one landmark's estimate and outputs one heatmap per landmark; the patch's own
-    landmark is read. Training patches are centred on the true landmark plus a uniform random offset of up to
-    ``offset_mm`` per axis (at least the global stage's error, so it learns to correct it), with a random rotation.
+    It sees a fine patch around one landmark's estimate. Training patches are centred on the true landmark plus a
+    uniform random offset of up to ``offset_mm`` per axis (at least the global stage's error, so it learns to
+    correct it), with a random rotation. Two designs, compared in ``benchmarks/fine_accuracy.md``:
+
+    - ``shared``: the patch in, one heatmap per landmark out; the patch's own landmark is read, and training
+      supervises every landmark that falls in a patch.
+    - ``conditioned``: the patch plus L gated copies of it (the copy in the asked landmark's channel, zeros in the
+      others) in, that landmark's one heatmap out; training supervises each patch on the landmark it was drawn for only.
     """
 
+    design: str = "shared"  # shared | conditioned
     spacing_mm: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     patch_size: list[int] = field(default_factory=lambda: [32, 32, 32])
     heatmap_sigma: float = 1.5  # voxels of the fine grid
@@ -263,6 +269,7 @@ _CHOICES = {
     "loss.name": ("spatial_ce", "weighted_mse", "ball_ohnm", "anchor"),
     "detection.mode": ("whole", "sliding_window", "coarse_to_fine"),
     "local.loss.name": ("spatial_ce", "weighted_mse", "ball_ohnm"),
+    "local.design": ("shared", "conditioned"),
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.scheduler": ("cosine", "exponential", "constant"),
     "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),

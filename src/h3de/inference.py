@@ -10,7 +10,8 @@ Modes (``detection.mode`` of the model's config):
 - ``sliding_window``: MONAI's sliding-window inferer (Gaussian-weighted overlap) over the whole volume,
   decoding landmarks in chunks so that the full-resolution maps of a chunk fit ``detection.max_heatmap_gib``.
 - ``coarse_to_fine``: ``whole`` as the global stage, then the local stage on one fine patch per landmark,
-  centred on its coarse estimate; the patch's own landmark channel is decoded. The presence probability is
+  centred on its coarse estimate; the patch's own landmark is decoded (its channel of the ``shared`` design's
+  maps, or the ``conditioned`` design's one map, asked for that landmark). The presence probability is
   the mean of the two stages' (the global one sees the whole scan, the local one the anatomy at fine
   resolution): on the 1 mm phantom's val split it separates the absent teeth at 0.5 where the global
   stage's alone calls none absent (``benchmarks/fine_accuracy.md``).
@@ -147,7 +148,10 @@ def _refine(
         for start in range(0, len(patches), _LOCAL_BATCH):
             batch = patches[start : start + _LOCAL_BATCH]
             rows = torch.arange(len(batch), device=device)
-            own.append(module.local_network(batch)[rows, rows + start])  # each patch's own landmark channel
+            if local.design == "conditioned":  # each patch asked for its own landmark
+                own.append(module.local_network(batch, rows + start)[:, 0])
+            else:  # each patch's own landmark channel
+                own.append(module.local_network(batch)[rows, rows + start])
     with clock("decoding"):
         voxel, presence = module.local_readout.decode(torch.cat(own)[None])  # (1, L, 3) each in its own patch
     return voxel_to_world(voxel[0].double().cpu()[:, None], affines)[:, 0], presence[0].float().cpu()

@@ -19,7 +19,7 @@ from h3de.config import config_from_dict
 from h3de.geometry import voxel_to_world
 from h3de.inference import Detection, detect
 from h3de.metrics import LandmarkErrors, PresenceScores
-from h3de.networks import build_network, network_params, network_spec
+from h3de.networks import LandmarkConditioned, build_network, network_params, network_spec
 from h3de.readout import build_readout
 
 __all__ = ["LandmarkModule"]
@@ -47,12 +47,17 @@ class LandmarkModule(L.LightningModule):
         )
         self.local_network, self.local_readout = None, None
         if self.cfg.detection.mode == "coarse_to_fine":
-            local = self.cfg.local
+            local, count = self.cfg.local, len(landmark_names)
             local_params = network_params(local.model)
-            self.local_network = build_network(local.model.name, 1, len(landmark_names), local_params)
-            self.local_readout = build_readout(
-                "heatmap", local.loss, len(landmark_names), local_params, local.heatmap_sigma
-            )
+            if local.design == "conditioned":
+                network = build_network(local.model.name, 1 + count, 1, local_params)
+                self.local_network = LandmarkConditioned(network, count)
+                # one map out: one absent logit, made per landmark by the conditioned network's landmark_bias
+                maps = 1
+            else:
+                self.local_network = build_network(local.model.name, 1, count, local_params)
+                maps = count
+            self.local_readout = build_readout("heatmap", local.loss, maps, local_params, local.heatmap_sigma)
         radii = tuple(self.cfg.sdr_radii_mm)
         self.train_errors = LandmarkErrors(radii)
         self.val_errors = LandmarkErrors(radii)
@@ -77,11 +82,18 @@ class LandmarkModule(L.LightningModule):
         return loss, world
 
     def local_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Loss of the coarse-to-fine local stage on the batch's (B, K) patches, each supervising the landmarks
-        inside it."""
+        """Loss of the coarse-to-fine local stage on the batch's (B, K) patches: each supervises the landmarks inside
+        it (``shared``), or only the landmark it was drawn for, which the network is asked for (``conditioned``)."""
         images = batch["local_image"].flatten(0, 1)  # (B*K, 1, *patch)
-        targets = {"heatmap": batch["local_heatmap"].flatten(0, 1), "loss_mask": batch["local_mask"].flatten(0, 1)}
-        return self.local_readout.loss(self.local_network(images), targets)
+        heatmap, mask = batch["local_heatmap"].flatten(0, 1), batch["local_mask"].flatten(0, 1)  # (B*K, L, ...)
+        if self.cfg.local.design == "conditioned":
+            landmark = batch["local_landmark"].flatten()  # (B*K,)
+            rows = torch.arange(len(landmark), device=landmark.device)
+            output = self.local_network(images, landmark)  # (B*K, 1, *patch)
+            heatmap, mask = heatmap[rows, landmark][:, None], mask[rows, landmark][:, None]
+        else:
+            output = self.local_network(images)  # (B*K, L, *patch)
+        return self.local_readout.loss(output, {"heatmap": heatmap, "loss_mask": mask})
 
     def on_train_start(self) -> None:
         self.val_errors.reset()

@@ -69,6 +69,14 @@ def test_local_patches_put_each_landmark_target_on_its_feature():
         assert torch.linalg.vector_norm(found_world - world[k]) < 0.5  # a quarter of the 2 mm source voxel
         offset = world_to_voxel(world[k : k + 1], out["local_affine"][k]) - 7.5
         assert offset.abs().max() > 0.1  # patches are not all centred exactly on the landmark
+    # patch k is drawn for landmark k: centred on it (less the drawn offset) when present; the absent one's patch is
+    # centred on a present stand-in and, for the conditioned design, is a negative of the absent landmark
+    drawn = out["local_landmark"]
+    assert drawn.dtype == torch.long and drawn.tolist() == [0, 1, 2]
+    centres = voxel_to_world(torch.full((1, 3), 7.5, dtype=torch.float64), out["local_affine"])[:, 0]
+    origins = centres - transform._offsets
+    torch.testing.assert_close(origins[:2], world[:2])
+    assert torch.cdist(origins[2:], world[:2]).min() < 1e-6 and not out["local_mask"][2, drawn[2]]
 
 
 def test_sliding_window_patches_hold_a_landmark_as_often_as_asked():
@@ -98,6 +106,7 @@ def test_training_chains_of_coarse_to_fine_and_sliding_window(blob_dataset):
     count = len(names)
     assert sample["local_image"].shape == (count, 1, 12, 12, 12)
     assert sample["local_heatmap"].shape == (count, count, 12, 12, 12) and "source" not in sample
+    assert sample["local_landmark"].tolist() == list(range(count))
     assert sample["image"].shape == (1, 16, 16, 16)
     sw = load_config(None, ["detection.mode=sliding_window", "loss=weighted_mse", "data.spacing_mm=[1.5,1.5,1.5]"])
     sw.data.patch_size = [16, 16, 16]
@@ -119,3 +128,4 @@ def test_a_fixed_patch_count_centres_patches_on_present_landmarks_only():
     owners = torch.cdist(centres, world[:2]).argmin(dim=1)
     assert set(owners.tolist()) == {0, 1}  # both present landmarks get patches
     assert not out["local_mask"][:, 2].any()
+    assert out["local_landmark"].tolist() == owners.tolist()  # each patch drawn for the landmark it is centred on

@@ -150,11 +150,15 @@ class LocalPatchesd(Randomizable, MapTransform):
     per axis, rotated by up to ``rotate_deg`` about each axis. With ``count`` None there is one patch per
     landmark (K = L; an absent landmark's patch goes to a randomly chosen present one); otherwise K = ``count``
     patches go to present landmarks drawn without repetition while they last, which bounds the memory of
-    many-landmark datasets (targets grow as K x L). Each patch supervises every landmark that falls inside it.
+    many-landmark datasets (targets grow as K x L). The ``shared`` design supervises every landmark that falls
+    inside a patch; the ``conditioned`` one only the landmark the patch was drawn for (``local_landmark``): the
+    one it is centred on, except that an absent landmark's patch (one per landmark) is drawn for that absent
+    landmark, centred on its present stand-in, so that the conditioned design also learns "absent".
 
     Reads ``source_key`` (MetaTensor (C, D, H, W) with its affine) and ``points_key`` ((L, 3) world mm, NaN =
     absent). Writes ``local_image`` (K, C, *size) float32, ``local_heatmap`` (K, L, *size) float32,
-    ``local_mask`` (K, L) bool (landmark j inside patch k), ``local_affine`` (K, 4, 4) float64.
+    ``local_mask`` (K, L) bool (landmark j inside patch k), ``local_affine`` (K, 4, 4) float64,
+    ``local_landmark`` (K,) long (the landmark patch k was drawn for).
     """
 
     def __init__(
@@ -191,6 +195,14 @@ class LocalPatchesd(Randomizable, MapTransform):
             return own
         return preferred[torch.arange(self.count) % len(preferred)]
 
+    def _drawn_for(self, present: torch.Tensor) -> torch.Tensor:
+        """(K,) the landmark each patch is drawn for: its own one per landmark, else the one it is centred on."""
+        if self.count is None:
+            return torch.arange(len(present))
+        if present.any():
+            return self._targets(present)
+        return self._order[torch.arange(self.count) % len(present)]  # nothing present: every patch a negative
+
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         source = d[self.source_key]
@@ -211,6 +223,7 @@ class LocalPatchesd(Randomizable, MapTransform):
         d["local_heatmap"] = gaussian_heatmaps(torch.where(mask[..., None], voxels, torch.nan), self.size, self.sigma)
         d["local_mask"] = mask
         d["local_affine"] = affines
+        d["local_landmark"] = self._drawn_for(present)
         return d
 
 

@@ -165,7 +165,7 @@ class LandmarkHeatmapd(MapTransform):
         return d
 
 
-_LOCAL_KEYS = ("local_image", "local_heatmap", "local_mask", "local_affine")  # from LocalPatchesd
+_LOCAL_KEYS = ("local_image", "local_heatmap", "local_mask", "local_affine", "local_landmark")  # LocalPatchesd
 
 
 class PackLandmarkSampled(MapTransform):
@@ -175,7 +175,7 @@ class PackLandmarkSampled(MapTransform):
     of that image; ``landmarks_voxel`` (L, 3) float32; ``landmarks_world`` (L, 3) float64 RAS mm;
     ``present`` (L,) bool; ``loss_mask`` (L,) bool; ``case_id``; ``heatmap`` (L, D, H, W) float32
     when the chain made heatmaps; and the coarse-to-fine local patches (``local_image``, ``local_heatmap``,
-    ``local_mask``, ``local_affine``) when the chain drew them.
+    ``local_mask``, ``local_affine``, ``local_landmark``) when the chain drew them.
     """
 
     def __init__(self, image_key: str = "image", points_key: str = "landmarks_voxel") -> None:

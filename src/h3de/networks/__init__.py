@@ -1,6 +1,7 @@
 """Networks: pure ``nn.Module``s (NCDHW in, one heatmap channel per landmark out), chosen by name."""
 
 from h3de.networks import baselines, h3de_net  # noqa: F401  (register the networks)
+from h3de.networks.conditioned import LandmarkConditioned
 from h3de.networks.registry import (
     available_networks,
     build_network,
@@ -12,6 +13,7 @@ from h3de.networks.registry import (
 )
 
 __all__ = [
+    "LandmarkConditioned",
     "available_networks",
     "build_network",
     "check_network_input",
