@@ -133,7 +133,7 @@ def test_coarse_to_fine_presence_is_the_mean_of_both_stages(tmp_path, blob_datas
 
 
 class AskedLandmarkProbe(nn.Module):
-    """Ignores the image: a Gaussian at patch voxel (3 + l, c, c) for the landmark l whose gated channel holds the patch."""
+    """Ignores the image: a Gaussian at patch voxel (3 + l, c, c) for the landmark l whose gated channel is set."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
