@@ -75,13 +75,21 @@ def sample_patches(
     device = volume.device
     # patch voxel -> source voxel, composed in float64: one (K, 4, 4) matrix per patch
     to_source = torch.linalg.inv(torch.as_tensor(affine, dtype=torch.float64).cpu()) @ patch_affine.cpu()
-    to_source = to_source.to(device=device, dtype=torch.float32)
-    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32, device=device) for s in size], indexing="ij")
-    index = torch.stack(grids, -1).reshape(-1, 3)  # (P, 3)
-    source = index @ to_source[:, :3, :3].transpose(-1, -2) + to_source[:, None, :3, 3]  # (K, P, 3) source voxels
-    shape = torch.as_tensor(volume.shape[1:], dtype=torch.float32, device=device)
-    normalised = 2 * source / (shape - 1).clamp_min(1) - 1  # align_corners=True: voxel 0 -> -1, n - 1 -> 1
-    grid = normalised.flip(-1).reshape(1, -1, *size[1:], 3)  # grid_sample wants (x, y, z) = (W, H, D) order
+    # fold grid_sample's coordinates into the matrix: align_corners=True maps voxel 0 -> -1 and n - 1 -> 1, and
+    # the last grid axis lists (x, y, z) = (W, H, D), the reverse of the voxel axes
+    shape = torch.as_tensor(volume.shape[1:], dtype=torch.float64)
+    scale = torch.diag(torch.cat([2 / (shape - 1).clamp_min(1), torch.ones(1, dtype=torch.float64)]))
+    scale[:3, 3] = -1
+    to_grid = (scale @ to_source)[:, [2, 1, 0]].to(device=device, dtype=torch.float32)  # (K, 3, 4)
+    # the grid is built by broadcasting one row per patch axis: one (K, *size, 3) allocation, nothing of size P x 3
+    k = len(patch_affine)
+    grid = to_grid[:, None, None, None, :, 3].expand(k, *size, 3).clone()
+    for axis, n in enumerate(size):
+        steps = torch.arange(n, dtype=torch.float32, device=device)
+        view = [k, 1, 1, 1, 3]
+        view[1 + axis] = n
+        grid += (steps[None, :, None] * to_grid[:, None, :, axis]).reshape(view)
+    grid = grid.reshape(1, -1, *size[1:], 3)
     out = F.grid_sample(volume[None].float(), grid, mode="bilinear", padding_mode=padding, align_corners=True)
     # (1, C, K * size[0], size[1], size[2]) -> (K, C, *size)
     return out.reshape(volume.shape[0], len(patch_affine), *size).transpose(0, 1).contiguous()
