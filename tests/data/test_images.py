@@ -176,6 +176,31 @@ def test_nrrd_lps_and_nifti_ras_give_the_same_samples(tmp_path):
     assert torch.allclose(samples[0]["landmarks_voxel"], samples[1]["landmarks_voxel"], atol=1e-5)
 
 
+@pytest.mark.parametrize("unit, per_mm", [("meter", 1e-3), ("micron", 1e3), ("mm", 1.0), ("unknown", 1.0)])
+def test_nifti_spatial_units_are_scaled_to_mm(tmp_path, unit, per_mm):
+    """0.001 m (or 1000 um) voxels and offsets read as 1 mm; an unset unit means mm, as NIfTI viewers assume."""
+    mm_affine = blob_affine("oblique", spacing=(1.0, 2.0, 0.5), origin=(-40.0, 30.0, -25.0))
+    file_affine = mm_affine.copy()
+    file_affine[:3] *= per_mm
+    image = nib.Nifti1Image(volume(), file_affine)
+    image.header.set_xyzt_units(xyz=unit, t="sec")
+    nib.save(image, tmp_path / "u.nii.gz")
+    for read in (read_header, lambda p: read_volume(p)[1]):
+        np.testing.assert_allclose(read(tmp_path / "u.nii.gz").affine, mm_affine, rtol=1e-6, atol=1e-5)
+
+
+def test_nrrd_space_units_are_scaled_to_mm(tmp_path):
+    affine = blob_affine("oblique")
+    metres = affine.copy()
+    metres[:3] /= 1000.0
+    path = write_nrrd(tmp_path / "m.nrrd", volume(), metres, "LPS", **{"space units": ["m", "m", "m"]})
+    np.testing.assert_allclose(read_header(path).affine, affine, atol=1e-6)
+    write_nrrd(path, volume(), affine, "LPS", **{"space units": ["cm", "mm", "mm"]})
+    with pytest.raises(DataError, match=re.escape("'space units' ['cm', 'mm', 'mm'] are not three of mm, m")) as info:
+        read_header(path)
+    assert str(path) in str(info.value)
+
+
 def test_nrrd_geometry_problems(tmp_path):
     data = volume()
     one = write_nrrd(tmp_path / "one.nrrd", data[None], np.eye(4), "LPS")  # a leading axis of size 1...

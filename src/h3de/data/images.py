@@ -5,7 +5,9 @@ anything is written) and :func:`read_volume` reads the voxels too (the ``LoadVol
 the pipelines). Both return the same :class:`ImageHeader`, whose affine maps voxel indices to world
 RAS millimetres whatever the file's convention: NIfTI is RAS already; an NRRD's ``space``
 (``left-posterior-superior``, ``left-anterior-superior`` or ``right-anterior-superior``, long or short
-form) says which world axes to negate.
+form) says which world axes to negate. Lengths in metres or microns are scaled to millimetres: a NIfTI's
+``xyzt_units`` (unset or unknown means mm, as NIfTI viewers assume) and an NRRD's ``space units``
+(``mm``, ``m``, ``um`` or ``µm``; absent or empty means mm; any other unit is refused).
 
 Every problem is a :class:`~h3de.errors.DataError` naming the file and the value: a file that cannot
 be parsed or ends early, anything but one 3D volume, a spacing that is not positive and finite, a
@@ -50,6 +52,9 @@ _NRRD_SPACES = {
     "left-posterior-superior": (-1.0, -1.0, 1.0),
     "lps": (-1.0, -1.0, 1.0),
 }
+# millimetres per length unit: NIfTI's spatial xyzt_units code (0 unknown and anything else: mm) and NRRD's names
+_NIFTI_MM_PER_UNIT = {1: 1000.0, 2: 1.0, 3: 1e-3}  # metre, millimetre, micron
+_NRRD_MM_PER_UNIT = {"": 1.0, "mm": 1.0, "m": 1000.0, "um": 1e-3, "µm": 1e-3, "μm": 1e-3}  # micro sign, Greek mu
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,9 @@ def _nifti_geometry(path: Path, header: nib.Nifti1Header) -> ImageHeader:
     if not (np.all(np.isfinite(pixdim)) and np.all(pixdim > 0)):
         raise DataError(f"{path}: voxel spacing (pixdim[1:4]) must be positive and finite, got {_values(pixdim)}")
     header.check_fix(logger=_NIBABEL_REPORTS, error_level=_NIBABEL_ERROR_LEVEL)
-    return _checked(path, shape, header.get_best_affine())
+    affine = np.array(header.get_best_affine(), dtype=np.float64)  # in the file's unit, offsets too
+    affine[:3] *= _NIFTI_MM_PER_UNIT.get(int(header["xyzt_units"]) & 0x07, 1.0)  # the low 3 bits: space
+    return _checked(path, shape, affine)
 
 
 def _nrrd_geometry(path: Path, header: dict) -> ImageHeader:
@@ -195,8 +202,20 @@ def _nrrd_geometry(path: Path, header: dict) -> ImageHeader:
     affine = np.eye(4)
     affine[:3, :3] = directions[list(spatial_axes)].T  # columns: world step of one voxel along each axis
     affine[:3, 3] = np.asarray(header["space origin"], dtype=np.float64)
-    affine = np.diag([*_NRRD_SPACES[space], 1.0]) @ affine  # named space -> RAS
+    scale = np.asarray(_NRRD_SPACES[space]) * _nrrd_mm_per_unit(path, header)
+    affine = np.diag([*scale, 1.0]) @ affine  # named space and its units -> RAS mm
     return _checked(path, shape, affine)
+
+
+def _nrrd_mm_per_unit(path: Path, header: dict) -> np.ndarray:
+    """Millimetres per unit of each world axis, from the optional ``space units`` field."""
+    if "space units" not in header:
+        return np.ones(3)
+    units = [str(u).strip() for u in header["space units"]]
+    unknown = [u for u in units if u.lower() not in _NRRD_MM_PER_UNIT]
+    if len(units) != 3 or unknown:
+        raise DataError(f"{path}: NRRD 'space units' {units} are not three of mm, m, um (µm)")
+    return np.array([_NRRD_MM_PER_UNIT[u.lower()] for u in units])
 
 
 def _volume_shape(path: Path, shape: tuple[int, ...], spatial_axes: tuple[int, ...]) -> tuple[int, int, int]:
