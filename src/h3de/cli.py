@@ -5,6 +5,8 @@ h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--presenc
 h3de predict CHECKPOINT IMAGE_OR_FOLDER --out DIR [--format mrk.json|fcsv|csv|json] [--qc] [--truth PATH]
 h3de profile MODEL [MODEL ...] [--input D,H,W] [key=value ...]
 h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0] [--workers 1]
+h3de data import IMAGES LANDMARKS --out DIR [--split 0.7,0.15,0.15] [--seed 0] [--mirrored auto|none|A:B,...]
+h3de data convert {mml,afids,verse} SRC --out DIR [--split F,F,F] [--seed 0]
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from h3de.errors import H3deError
+
+if TYPE_CHECKING:
+    from h3de.data.importer import ImportReport
 
 __all__ = ["main"]
 
@@ -79,6 +85,28 @@ def _parser() -> argparse.ArgumentParser:
     phantom.add_argument("--cases", type=int, default=40, help="number of cases")
     phantom.add_argument("--voxel-mm", type=float, default=3.0, help="in-plane voxel size in mm")
     phantom.add_argument("--workers", type=int, default=1, help="processes rendering cases in parallel")
+
+    importer = data_commands.add_parser("import", help="a manifest for a folder of images and one of landmark files")
+    importer.add_argument("images", help="folder of NIfTI/NRRD images (case id = file name without suffix)")
+    importer.add_argument("landmarks", help="folder of landmark files (.mrk.json, .fcsv, .csv, .json), same case ids")
+    importer.add_argument("--out", required=True, help="new or empty output folder (dataset.json is written last)")
+    importer.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions (default 0.7,0.15,0.15)")
+    importer.add_argument("--seed", type=int, default=0, help="seed of the split draw")
+    importer.add_argument(
+        "--mirrored",
+        default="auto",
+        help="left/right pairs: auto (detected from the names, default), none, or A:B,C:D",
+    )
+    importer.add_argument("--name", default=None, help="dataset name (default: the output folder's name)")
+
+    convert = data_commands.add_parser("convert", help="a manifest for a public landmark dataset as it ships")
+    convert.add_argument("kind", choices=("mml", "afids", "verse"), help="the dataset")
+    convert.add_argument("src", help="the downloaded dataset's folder")
+    convert.add_argument("--out", required=True, help="new or empty output folder (dataset.json is written last)")
+    convert.add_argument(
+        "--split", default=None, help="train,val,test fractions drawn from --seed (default: the dataset's splits)"
+    )
+    convert.add_argument("--seed", type=int, default=0, help="seed of the split draw")
     return parser
 
 
@@ -187,9 +215,61 @@ def _phantom(args: argparse.Namespace) -> None:
     print(f"wrote {len(manifest.cases)} cases to {manifest.path.parent} ({json.dumps(counts)})")
 
 
+def _data(args: argparse.Namespace) -> None:
+    {"phantom": _phantom, "import": _import, "convert": _convert}[args.data_command](args)
+
+
+def _split_fractions(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise H3deError(f"--split '{text}' is not train,val,test fractions like 0.7,0.15,0.15") from None
+
+
+def _import(args: argparse.Namespace) -> None:
+    from h3de.data.importer import import_dataset
+
+    try:
+        report = import_dataset(
+            args.images, args.landmarks, args.out, _split_fractions(args.split), args.seed, args.mirrored, args.name
+        )
+    except ValueError as e:
+        raise H3deError(str(e)) from None
+    _print_report(report)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from h3de.data.converters import CONVERTERS
+
+    fractions = None if args.split is None else _split_fractions(args.split)
+    try:
+        report = CONVERTERS[args.kind](args.src, args.out, fractions, args.seed)
+    except ValueError as e:
+        raise H3deError(str(e)) from None
+    _print_report(report)
+
+
+def _print_report(report: ImportReport) -> None:
+    """What an import or conversion found and wrote."""
+    for what, paths in (
+        ("images without a landmark file", report.unpaired_images),
+        ("landmark files without an image", report.unpaired_landmarks),
+    ):
+        if paths:
+            print(f"{len(paths)} {what}, skipped: {', '.join(str(p) for p in paths)}")
+    for line in report.warnings:
+        print(f"warning: {line}")
+    manifest = report.manifest
+    pairs = ", ".join(f"{a}:{b}" for a, b in manifest.mirrored_pairs) or "none"
+    counts = {s: len(manifest.split(s)) for s in ("train", "val", "test")}
+    print(f"{manifest.num_landmarks} landmarks: {', '.join(manifest.landmark_names)}")
+    print(f"mirrored pairs: {pairs}")
+    print(f"wrote {manifest.path} with {len(manifest.cases)} cases ({json.dumps(counts)}, splits {report.splits})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "profile": _profile, "data": _phantom}
+    handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "profile": _profile, "data": _data}
     handler = handler[args.command]
     try:
         handler(args)

@@ -1,6 +1,6 @@
-"""User-facing errors: the CLI prints their message and exits non-zero, without a traceback."""
+"""User-facing errors (the CLI prints their message and exits non-zero, without a traceback) and warnings."""
 
-__all__ = ["H3deError", "ConfigError", "DataError", "root_cause"]
+__all__ = ["H3deError", "ConfigError", "DataError", "DataWarning", "root_cause"]
 
 
 class H3deError(Exception):
@@ -13,6 +13,10 @@ class ConfigError(H3deError):
 
 class DataError(H3deError):
     """A dataset file (image, landmark file, manifest) is missing, corrupt or inconsistent."""
+
+
+class DataWarning(UserWarning):
+    """A dataset problem that h3de works around (and names), such as a landmark far outside its image."""
 
 
 def root_cause(error: BaseException) -> BaseException:

@@ -3,12 +3,16 @@ import itertools
 from collections import Counter
 
 import lightning as L
+import numpy as np
+import pytest
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
 from h3de.config import load_config
 from h3de.data.datamodule import EpochSampler, LandmarkDataModule
+from h3de.data.landmark_io import read_landmarks, write_landmarks
 from h3de.data.manifest import load_manifest, write_manifest
+from h3de.errors import DataWarning
 
 
 def test_epoch_sampler_balances_cases_and_splits_over_ranks_like_lightning():
@@ -60,3 +64,25 @@ def test_workers_draw_different_augmentations_reproducibly(blob_dataset, monkeyp
     L.seed_everything(7, workers=True, verbose=False)
     again, _ = _draw_training_images(blob_dataset.parent / "one.json")
     assert all(torch.equal(a, b) for a, b in zip(images, again, strict=True))
+
+
+def test_a_landmark_far_outside_its_image_is_named_once_and_kept_out_of_loss_and_metrics(blob_dataset):
+    case = load_manifest(blob_dataset).cases[0]  # a training case
+    names, positions = read_landmarks(case.landmarks)
+    moved = positions.copy()
+    moved[2, 0] += 500.0  # 'top', 500 mm to the right of its image
+    write_landmarks(case.landmarks, names, moved)
+    cfg = load_config(None, ["data.spacing_mm=[6,6,6]", "data.patch_size=[16,16,16]"]).data
+    with pytest.warns(DataWarning) as caught:
+        datamodule = LandmarkDataModule(cfg, blob_dataset, heatmaps=False)
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]  # once, for this case
+    assert message.startswith("case 'case_0': landmarks outside its image") and "'top' (" in message
+    assert "treated as absent" in message and "'a_L'" not in message
+
+    world = datamodule.records["train"][0]["landmarks_world"][0]
+    assert torch.isnan(world[2]).all()
+    np.testing.assert_allclose(world[[0, 1, 3]].numpy(), positions[[0, 1, 3]])
+    sample = datamodule._dataset("train", True)[0]
+    assert not sample["present"][2] and not sample["loss_mask"][2]  # out of the loss
+    assert sample["present"][[0, 1, 3]].all()
+    assert torch.isnan(datamodule.landmarks("train")[0, 2]).all()  # and of the metrics' ground truth

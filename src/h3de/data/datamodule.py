@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -18,10 +19,11 @@ from monai.data.utils import set_rnd
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from h3de.config import DataConfig, DetectionConfig, LocalStageConfig
+from h3de.data.bounds import describe_outside, far_outside
 from h3de.data.images import read_header
 from h3de.data.manifest import Case, Manifest, load_manifest
 from h3de.data.pipelines import build_inference_transforms, build_transforms
-from h3de.errors import DataError, root_cause
+from h3de.errors import DataError, DataWarning, root_cause
 
 __all__ = ["LandmarkDataModule", "EpochSampler", "check_case", "list_of_samples"]
 
@@ -34,12 +36,22 @@ def list_of_samples(samples: list[dict]) -> list[dict]:
 def check_case(manifest: Manifest, case: Case) -> torch.Tensor:
     """Validate one case without reading the voxel data; return its (1, L, 3) world landmarks.
 
+    A landmark more than :data:`~h3de.data.bounds.OUTSIDE_TOLERANCE_MM` outside its image (an LPS/RAS or
+    voxel/mm mix-up, a landmark file of another scan) would poison the loss and the metrics: it is returned
+    as absent (NaN), so that it counts neither in the position loss nor in the errors (and is trained as "not
+    in this image", like one outside a training patch), with one :class:`~h3de.errors.DataWarning` per case
+    that names the case and the landmarks.
+
     Raises:
         DataError: an image header that :func:`h3de.data.images.read_header` refuses (unreadable, not
             one 3D volume, bad spacing or affine), or a landmark file whose names disagree with the manifest.
     """
-    read_header(case.image)
+    header = read_header(case.image)
     positions = manifest.read_case_landmarks(case)
+    message = describe_outside(case.id, manifest.landmark_names, header, positions)
+    if message is not None:
+        positions[far_outside(header, positions)] = np.nan
+        warnings.warn(f"{message}; treated as absent (kept out of the loss and the metrics)", DataWarning, stacklevel=2)
     return torch.as_tensor(positions, dtype=torch.float64)[None]
 
 

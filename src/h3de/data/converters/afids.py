@@ -1,0 +1,131 @@
+"""AFIDs: 32 anatomical fiducials of the brain on T1-weighted MRI, in BIDS layout (afids/afids-data).
+
+Layout of each AFIDs dataset (AFIDs-HCP, AFIDs-OASIS, LHSCPD = OpenNeuro ds004471, SNSX = ds004470)::
+
+    sub-<id>/[ses-<s>/]anat/sub-<id>[_ses-<s>]..._T1w.nii.gz
+    derivatives/afids_groundtruth/sub-<id>/anat/sub-<id>_space-T1w_desc-groundtruth_afids.fcsv
+    derivatives/afids_rater/...desc-rater01_afids.fcsv          (the raters' own placements, not used)
+
+A fiducial file is a 3D Slicer ``.fcsv`` whose ``label`` column holds the AFID number (1-32) and ``desc``
+its name ("AC", "PC", "R superior LMS", ...). The landmark names come from ``desc`` (``label`` where
+``desc`` is empty); the positions from :func:`h3de.data.landmark_io.read_landmarks` (RAS or LPS per the
+file's ``CoordinateSystem``), row by row. Every ``*_desc-groundtruth_afids.fcsv`` under ``derivatives/`` is
+paired with the one ``*_T1w.nii[.gz]`` outside ``derivatives/`` whose BIDS entities (``sub``, and ``ses``,
+``acq``, ``run`` where the fiducial file names them) agree; the case id is those entities
+(``sub-C001``). Fiducial files with no or several such images are listed and skipped. Mirrored pairs are
+detected from the names (``R ...``/``L ...``, :mod:`h3de.data.mirrored`). AFIDs ships no splits: they are
+drawn from the seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from h3de.data.images import read_header
+from h3de.data.importer import (
+    ImportReport,
+    SourceCase,
+    assign_splits,
+    check_output_folder,
+    check_split_fractions,
+    choose_mirrored_pairs,
+    landmark_union,
+    name_disagreements,
+    write_dataset,
+)
+from h3de.data.landmark_io import read_landmarks
+from h3de.errors import DataError
+
+__all__ = ["convert_afids"]
+
+_GROUND_TRUTH = "_desc-groundtruth_afids.fcsv"
+_FCSV_COLUMNS = ["id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc"]
+
+
+def convert_afids(
+    src: str | os.PathLike, out: str | os.PathLike, split_fractions: Sequence[float] | None = None, seed: int = 0
+) -> ImportReport:
+    """Write the manifest of an AFIDs BIDS dataset under ``out``.
+
+    Args:
+        src: the BIDS dataset's root folder (holding ``sub-*/`` and ``derivatives/``).
+        out: output folder, new or empty.
+        split_fractions: (train, val, test) fractions of the seeded split (default 0.7, 0.15, 0.15).
+        seed: seed of the split draw.
+
+    Raises:
+        DataError: no ground-truth fiducial file, none paired with an image, an unreadable file, a
+            non-empty ``out``.
+        ValueError: bad split fractions or seed.
+    """
+    if split_fractions is not None:
+        check_split_fractions(split_fractions)
+    out = check_output_folder(out)
+    root = Path(src).resolve()
+    derivatives = root / "derivatives"
+    fiducials = sorted(derivatives.rglob(f"*{_GROUND_TRUTH}")) if derivatives.is_dir() else []
+    if not fiducials:
+        others = sorted(derivatives.rglob("*_afids.fcsv")) if derivatives.is_dir() else []
+        found = f"; found {len(others)} other *_afids.fcsv (e.g. {others[0].name})" if others else ""
+        raise DataError(f"{root}: no derivatives/**/*{_GROUND_TRUTH} (the AFIDs BIDS layout){found}")
+    images = [
+        (_entities(p.name.split(".")[0]), p)
+        for p in sorted(root.rglob("*_T1w.nii*"))
+        if p.name.endswith((".nii", ".nii.gz")) and "derivatives" not in p.relative_to(root).parts
+    ]
+    cases, warnings, unpaired = [], [], []
+    for fcsv in fiducials:
+        wanted = {k: v for k, v in _entities(fcsv.name[: -len(".fcsv")]).items() if k not in ("space", "desc")}
+        matches = [p for entities, p in images if all(entities.get(k) == v for k, v in wanted.items())]
+        if len(matches) != 1:
+            unpaired.append(fcsv)
+            if matches:
+                listed = ", ".join(p.name for p in matches)
+                warnings.append(f"{fcsv.name}: {len(matches)} T1w images match ({listed}); skipped")
+            continue
+        case_id = "_".join(f"{k}-{v}" for k, v in wanted.items())
+        names, positions = _read_fiducials(fcsv)
+        cases.append(SourceCase(case_id, matches[0], read_header(matches[0]), names, positions, fcsv))
+    if not cases:
+        raise DataError(f"{root}: no ground-truth fiducial file has a T1w image ({len(fiducials)} fiducial files)")
+    names = landmark_union(cases)
+    pairs, mirrored_warnings = choose_mirrored_pairs("auto", names)
+    cases, splits = assign_splits(cases, split_fractions, seed)
+    description = f"AFIDs anatomical fiducials, converted by h3de data convert afids from {root}"
+    extra = {"convert": {"kind": "afids", "source": str(root), "splits": splits}}
+    manifest, written = write_dataset(out, cases, names, pairs, "afids", description, extra)
+    warnings = name_disagreements(cases, names) + mirrored_warnings + warnings + written
+    return ImportReport(manifest, tuple(warnings), (), tuple(unpaired), splits)
+
+
+def _entities(stem: str) -> dict[str, str]:
+    """BIDS entities of a file name without its extension: ``sub-01_ses-2_T1w`` -> {sub: 01, ses: 2}."""
+    return dict(part.split("-", 1) for part in stem.split("_") if "-" in part)
+
+
+def _read_fiducials(path: Path) -> tuple[tuple[str, ...], np.ndarray]:
+    """Names (``desc``, else ``label``) and (L, 3) RAS mm positions of an AFIDs ``.fcsv``, row by row."""
+    _, positions = read_landmarks(path)
+    columns, rows = _FCSV_COLUMNS, []
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            key, _, value = line[1:].partition("=")
+            if key.strip().lower() == "columns":
+                columns = [c.strip() for c in value.split(",")]
+        elif line.strip():
+            rows.append(next(csv.reader([line])))
+    at = {c: i for i, c in enumerate(columns)}
+    names = []
+    for row in rows:
+        desc = row[at["desc"]].strip() if "desc" in at and len(row) > at["desc"] else ""
+        names.append(desc or row[at["label"]].strip())
+    if len(names) != len(positions):
+        raise DataError(f"{path}: {len(names)} fiducial rows but {len(positions)} landmarks read")
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: a fiducial name (desc) appears twice")
+    return tuple(names), positions
