@@ -19,12 +19,9 @@ drawn from the seed.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
 
 from h3de.data.images import read_header
 from h3de.data.importer import (
@@ -44,7 +41,6 @@ from h3de.errors import DataError
 __all__ = ["convert_afids"]
 
 _GROUND_TRUTH = "_desc-groundtruth_afids.fcsv"
-_FCSV_COLUMNS = ["id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc"]
 
 
 def convert_afids(
@@ -89,7 +85,7 @@ def convert_afids(
                 warnings.append(f"{fcsv.name}: {len(matches)} T1w images match ({listed}); skipped")
             continue
         case_id = "_".join(f"{k}-{v}" for k, v in wanted.items())
-        names, positions = _read_fiducials(fcsv)
+        names, positions = read_landmarks(fcsv)  # names from desc: the labels are the AFID numbers
         cases.append(SourceCase(case_id, matches[0], read_header(matches[0]), names, positions, fcsv))
     if not cases:
         raise DataError(f"{root}: no ground-truth fiducial file has a T1w image ({len(fiducials)} fiducial files)")
@@ -106,26 +102,3 @@ def convert_afids(
 def _entities(stem: str) -> dict[str, str]:
     """BIDS entities of a file name without its extension: ``sub-01_ses-2_T1w`` -> {sub: 01, ses: 2}."""
     return dict(part.split("-", 1) for part in stem.split("_") if "-" in part)
-
-
-def _read_fiducials(path: Path) -> tuple[tuple[str, ...], np.ndarray]:
-    """Names (``desc``, else ``label``) and (L, 3) RAS mm positions of an AFIDs ``.fcsv``, row by row."""
-    _, positions = read_landmarks(path)
-    columns, rows = _FCSV_COLUMNS, []
-    for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            key, _, value = line[1:].partition("=")
-            if key.strip().lower() == "columns":
-                columns = [c.strip() for c in value.split(",")]
-        elif line.strip():
-            rows.append(next(csv.reader([line])))
-    at = {c: i for i, c in enumerate(columns)}
-    names = []
-    for row in rows:
-        desc = row[at["desc"]].strip() if "desc" in at and len(row) > at["desc"] else ""
-        names.append(desc or row[at["label"]].strip())
-    if len(names) != len(positions):
-        raise DataError(f"{path}: {len(names)} fiducial rows but {len(positions)} landmarks read")
-    if len(set(names)) != len(names):
-        raise DataError(f"{path}: a fiducial name (desc) appears twice")
-    return tuple(names), positions
