@@ -2,9 +2,9 @@
 
 Generates a phantom (8 mm voxels, half of the cases held out so that val and test hold absent
 landmarks), trains a small U-Net with each loss, evaluates the best checkpoint on val and test, and
-reports from ``predictions.csv`` (so it runs on any h3de version with that file): MRE over the present
-landmarks, presence AUROC, and at threshold 0.5 the presence accuracy and the absent class's
-precision, recall and F1.
+reports from ``errors.csv`` (``predictions.csv`` in versions before it, so it runs on those too): MRE over
+the scored landmarks (present; with ``errors.csv``, also called present), presence AUROC, and at threshold 0.5
+the presence accuracy and the absent class's precision, recall and F1.
 
     PYTHONPATH=src .venv/bin/python benchmarks/presence.py [--losses spatial_ce weighted_mse] [--epochs 20]
 """
@@ -84,7 +84,8 @@ def main() -> None:
                 auroc = None
             else:
                 evaluation = evaluate(result.best_checkpoint, split, out / f"eval_{loss}_{split}")
-                with open(evaluation.out_dir / "predictions.csv") as f:
+                table = evaluation.out_dir / "errors.csv"
+                with open(table if table.exists() else evaluation.out_dir / "predictions.csv") as f:
                     rows = list(csv.DictReader(f))
                 held_out += rows
                 mre, auroc = evaluation.summary["mre_mm"], evaluation.summary["presence_auroc"]

@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from h3de.metrics import LandmarkErrors, presence_summary, radial_errors, summarize_errors
+from h3de.metrics import (
+    LandmarkErrors,
+    describe_errors,
+    presence_calls,
+    presence_summary,
+    radial_errors,
+    summarize_errors,
+)
 
 NAN = float("nan")
 
@@ -43,6 +50,24 @@ def test_nothing_present_gives_nan():
     errors = torch.full((2, 3), NAN)
     summary = summarize_errors(errors, (2.0,))
     assert math.isnan(summary["mre_mm"]) and math.isnan(summary["sdr_2mm"]) and summary["count"] == 0
+
+
+def test_describe_errors_adds_the_median_and_max():
+    errors = torch.tensor([[4.0, NAN, 1.0], [2.0, 3.0, NAN]])
+    d = describe_errors(errors, (2.0,))
+    assert list(d)[:5] == ["count", "mre_mm", "mre_sd_mm", "median_mm", "max_mm"]
+    assert d["median_mm"] == pytest.approx(2.5) and d["max_mm"] == 4.0  # even count: the mean of 2 and 3
+    assert d["count"] == 4 and d["mre_mm"] == pytest.approx(2.5) and d["sdr_2mm"] == pytest.approx(50.0)
+    nothing = describe_errors(torch.full((1, 2), NAN), (2.0,))
+    assert math.isnan(nothing["median_mm"]) and math.isnan(nothing["max_mm"])
+
+
+def test_presence_calls_count_calls_without_scores():
+    called = torch.tensor([[True, False, False], [True, True, False]])
+    present = torch.tensor([[True, True, False], [False, True, False]])
+    c = presence_calls(called, present)  # TP 2 (absent, called absent), FP 1, FN 1
+    assert (c["absent"], c["absent_detected"], c["present_called_absent"]) == (3, 2, 1)
+    assert c["presence_accuracy"] == pytest.approx(4 / 6) and c["absent_f1"] == pytest.approx(4 / 6)
 
 
 def test_presence_summary_ranks_and_counts_absent_landmarks():

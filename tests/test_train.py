@@ -64,33 +64,37 @@ def test_train_writes_config_metrics_checkpoints_and_evaluates(blob_dataset, tmp
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["num_cases"] == 1 and summary["split"] == "test"
     assert summary["mre_mm"] == pytest.approx(float(torch.nanmean(out.errors)))
-    with open(tmp_path / "eval" / "predictions.csv") as f:
+    with open(tmp_path / "eval" / "errors.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and all(float(r["error_mm"]) >= 0 for r in rows)
+    assert len(rows) == 4 and all((r["error_mm"] != "") == (r["called_present"] == "1") for r in rows)
     assert {p.name for p in (tmp_path / "eval").iterdir()} == {
-        "predictions.csv",
+        "errors.csv",
         "per_landmark.csv",
         "per_case.csv",
         "summary.json",
+        "cpe.png",
         "predictions",
     }
     assert (tmp_path / "eval" / "predictions" / "case_5.mrk.json").is_file()
 
-    # a threshold between the scores calls the lower-scored landmarks absent: written as missing, errors unchanged
+    # a threshold between the scores calls the lower-scored landmarks absent: written as missing, not scored
     scores = sorted(float(r["presence_score"]) for r in rows)
     threshold = (scores[1] + scores[2]) / 2
     assert scores[1] < threshold < scores[2]
     args = ["evaluate", str(result.best_checkpoint), "--split", "test", "--out", str(tmp_path / "eval_absent")]
     assert main([*args, "--presence-threshold", str(threshold)]) == 0
     assert "2 present ones" in capsys.readouterr().out
-    with open(tmp_path / "eval_absent" / "predictions.csv") as f:
-        called = {r["landmark"]: (r["called_present"], float(r["presence_score"])) for r in csv.DictReader(f)}
+    with open(tmp_path / "eval_absent" / "errors.csv") as f:
+        absent_rows = list(csv.DictReader(f))
+    called = {r["landmark"]: (r["called_present"], float(r["presence_score"])) for r in absent_rows}
     assert all((flag == "1") == (score >= threshold) for flag, score in called.values())
     markup = json.loads((tmp_path / "eval_absent" / "predictions" / "case_5.mrk.json").read_text())
     status = {p["label"]: p["positionStatus"] for p in markup["markups"][0]["controlPoints"]}
     assert status == {n: "defined" if f == "1" else "missing" for n, (f, _) in called.items()}
     again = json.loads((tmp_path / "eval_absent" / "summary.json").read_text())
-    assert again["mre_mm"] == pytest.approx(summary["mre_mm"]) and again["present_called_absent"] == 2
+    kept = [float(r["error_mm"]) for r in absent_rows if r["called_present"] == "1"]
+    assert again["count"] == len(kept) == 2 and again["present_called_absent"] == 2
+    assert again["mre_mm"] == pytest.approx(sum(kept) / 2)
     assert main([*args, "--presence-threshold", "1.5"]) == 2
 
 

@@ -1,7 +1,9 @@
 """The ``h3de`` command: parses arguments and calls one function per stage.
 
 h3de train [EXPERIMENT.yaml] [key=value ...]
-h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--presence-threshold 0.5]
+h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--batch-size N] [--radii 2,2.5,3,4]
+              [--presence-threshold 0.5]
+h3de evaluate --pred DIR --truth DIR [--out DIR] [--radii 2,2.5,3,4] [--presence-threshold 0.5]
 h3de predict CHECKPOINT IMAGE_OR_FOLDER --out DIR [--format mrk.json|fcsv|csv|json] [--qc] [--truth PATH]
 h3de profile MODEL [MODEL ...] [--input D,H,W] [key=value ...]
 h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0] [--workers 1]
@@ -32,23 +34,48 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs="*", metavar="ARG", help="an experiment YAML first (optional), then key=value")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a split (errors in world mm)")
-    evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
-    evaluate.add_argument("--out", default=None, help="output folder (default: <run>/eval_<split>)")
-    evaluate.add_argument("--data-root", default=None, help="dataset folder overriding the checkpoint's")
-    evaluate.add_argument("--batch-size", type=int, default=None)
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score a checkpoint on a split, or prediction files against ground-truth files (errors in world mm)",
+        description="Score a checkpoint on a split of its dataset, or a folder of prediction files against a "
+        "folder of ground-truth files (paired by case id, the file name without its .mrk.json/.fcsv/.csv/.json "
+        "suffix; the formats may differ). Both write summary.json, per_landmark.csv, per_case.csv, errors.csv "
+        "and cpe.png; a checkpoint also predictions/<case>.mrk.json. Errors are over the landmarks present in "
+        "the truth and called present; present ones called absent are counted and listed as missed.",
+    )
+    evaluate.add_argument(
+        "checkpoint",
+        nargs="?",
+        default=None,
+        help="a .ckpt file; a run directory (its checkpoints/best.ckpt); or runs/<experiment>/latest: the newest "
+        "run of that experiment (by its timestamp name) that has a checkpoints/best.ckpt",
+    )
+    evaluate.add_argument("--pred", metavar="DIR", help="folder of prediction files (with --truth, no checkpoint)")
+    evaluate.add_argument("--truth", metavar="DIR", help="folder of ground-truth landmark files (with --pred)")
+    evaluate.add_argument("--split", default=None, choices=("train", "val", "test"), help="checkpoint: default test")
+    evaluate.add_argument("--out", default=None, help="output folder (default: <run>/eval_<split>, or <PRED>/eval)")
+    evaluate.add_argument("--data-root", default=None, help="checkpoint: dataset folder overriding the checkpoint's")
+    evaluate.add_argument("--batch-size", type=int, default=None, help="checkpoint: evaluation batch size")
+    evaluate.add_argument(
+        "--radii",
+        default=None,
+        metavar="R,R,...",
+        help="SDR radii in mm (default: the checkpoint's sdr_radii_mm; for files the config default 2,2.5,3,4)",
+    )
     evaluate.add_argument(
         "--presence-threshold",
         type=float,
         default=0.5,
         metavar="P",
         help="call a landmark absent when its presence probability is below P (default 0.5; 0 calls every "
-        "landmark present); called-absent landmarks are written as missing in the .mrk.json",
+        "landmark with a position present); a prediction without a position is always called absent; "
+        "called-absent landmarks are written as missing in the .mrk.json",
     )
 
     predict = commands.add_parser("predict", help="landmarks of new scans (no ground truth needed)")
-    predict.add_argument("checkpoint", help="a .ckpt written by h3de train")
+    predict.add_argument(
+        "checkpoint", help="a .ckpt written by h3de train, a run directory, or runs/<experiment>/latest (as evaluate)"
+    )
     predict.add_argument("inputs", metavar="IMAGE_OR_FOLDER", help="a NIfTI/NRRD image or a folder of them")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument(
@@ -136,20 +163,60 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from h3de.evaluate import evaluate
+    from h3de.evaluate import evaluate, evaluate_files
 
-    result = evaluate(args.checkpoint, args.split, args.out, args.data_root, args.batch_size, args.presence_threshold)
+    radii = _radii(args.radii) if args.radii is not None else None
+    files = args.pred is not None or args.truth is not None
+    if files and args.checkpoint is not None:
+        raise H3deError("give either a checkpoint or --pred DIR --truth DIR, not both")
+    if not files and args.checkpoint is None:
+        raise H3deError("give a checkpoint (a .ckpt, a run directory, runs/<experiment>/latest) or --pred and --truth")
+    if files:
+        if args.pred is None or args.truth is None:
+            raise H3deError("--pred and --truth go together: give both folders")
+        options = {"--split": args.split, "--data-root": args.data_root, "--batch-size": args.batch_size}
+        given = [option for option, value in options.items() if value is not None]
+        if given:
+            raise H3deError(f"{', '.join(given)}: only with a checkpoint, not with --pred/--truth")
+        result = evaluate_files(args.pred, args.truth, args.out, args.presence_threshold, radii)
+        title = "predictions"
+    else:
+        title = args.split or "test"
+        threshold = args.presence_threshold
+        result = evaluate(args.checkpoint, title, args.out, args.data_root, args.batch_size, threshold, radii)
+        print(f"checkpoint: {result.summary['checkpoint']}")
+    for warning in result.warnings:
+        print(f"h3de: warning: {warning}", file=sys.stderr)
     s = result.summary
-    sdr = ", ".join(f"{k} {v:.1f}%" for k, v in s.items() if k.startswith("sdr_") and v is not None)
-    print(f"{args.split}: {s['num_cases']} cases, MRE {s['mre_mm']:.2f} +- {s['mre_sd_mm']:.2f} mm, {sdr}")
+    sdr = ", ".join(f"{k} {v:.1f}%" for k, v in s.items() if k.startswith("sdr_") and isinstance(v, float))
     print(
-        f"presence below {s['presence_threshold']:g} called absent: {s['absent_detected']} of {s['absent']} absent "
-        f"landmarks and {s['present_called_absent']} present ones; accuracy {_percent(s['presence_accuracy'])}, "
-        f"absent precision {_percent(s['absent_precision'])}, recall {_percent(s['absent_recall'])}, "
-        f"F1 {_percent(s['absent_f1'])}"
+        f"{title}: {s['num_cases']} cases, {s['count']} of {s['present']} present landmarks scored: "
+        f"MRE {_mm(s['mre_mm'])} +- {_mm(s['mre_sd_mm'])} mm, median {_mm(s['median_mm'])}, max {_mm(s['max_mm'])} mm"
+        + (f", {sdr}" if sdr else "")
+    )
+    print(
+        f"called absent (no position, or presence below {s['presence_threshold']:g}): {s['absent_detected']} of "
+        f"{s['absent']} absent landmarks and {s['present_called_absent']} present ones; accuracy "
+        f"{_percent(s['presence_accuracy'])}, absent precision {_percent(s['absent_precision'])}, recall "
+        f"{_percent(s['absent_recall'])}, F1 {_percent(s['absent_f1'])}"
         + (f", AUROC {s['presence_auroc']:.3f}" if s["presence_auroc"] is not None else "")
     )
+    missed = [f"{m['case_id']}/{m['landmark']}" for m in s["missed_detections"]]
+    if missed:
+        more = f" and {len(missed) - 10} more (summary.json)" if len(missed) > 10 else ""
+        print(f"missed detections (present, called absent): {', '.join(missed[:10])}{more}")
     print(f"written to {result.out_dir}")
+
+
+def _radii(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise H3deError(f"--radii '{text}' is not a comma-separated list of mm (e.g. 2,2.5,3,4)") from None
+
+
+def _mm(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _predict(args: argparse.Namespace) -> None:

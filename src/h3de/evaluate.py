@@ -1,46 +1,80 @@
-"""``evaluate(checkpoint, split)``: predict a split with a trained model and report errors in world mm.
+"""Evaluation in world mm: ``evaluate(checkpoint, split)`` predicts a split with a trained model;
+``evaluate_files(pred_dir, truth_dir)`` scores landmark files that exist already (from ``h3de predict`` or any
+other tool). Both score with :func:`h3de.report.score` and write :func:`h3de.report.write_report`'s files
+(``summary.json``, ``per_landmark.csv``, ``per_case.csv``, ``errors.csv``, ``cpe.png``), so one set of
+predictions gives the same report either way: ``evaluate`` at a threshold equals ``h3de predict`` at that
+threshold followed by ``evaluate_files``.
 
-Writes into ``out_dir`` (each file atomically):
-- ``predictions.csv``: one row per case and landmark: ground truth, prediction (RAS mm), presence score,
-  error, and whether it is called present.
-- ``per_landmark.csv``: MRE, SD and SDR per landmark.
-- ``per_case.csv``: MRE per case.
-- ``summary.json``: overall MRE, SD, SDR, counts, presence metrics (``metrics.presence_summary``: AUROC,
-  and at the threshold the presence accuracy and the absent class's precision, recall and F1),
-  checkpoint and split.
-- ``predictions/<case>.mrk.json``: predicted landmarks that open in 3D Slicer; landmarks called absent
-  (presence probability below ``presence_threshold``, 0.5 by default) are written as "missing".
-
-Errors are always those of the decoded positions of every landmark present in the ground truth: a
-threshold changes what is called absent, never which errors count.
+``evaluate`` also writes ``predictions/<case>.mrk.json`` (opens in 3D Slicer; landmarks called absent, presence
+below the threshold, are "missing"). The folder is written whole beside the old one, then replaces it.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from h3de.config import config_from_dict
+from h3de.config import ExperimentConfig, config_from_dict
 from h3de.data.datamodule import LandmarkDataModule
-from h3de.data.landmark_io import write_landmarks
+from h3de.data.landmark_io import LANDMARK_SUFFIXES, read_landmarks, write_landmarks
 from h3de.errors import DataError, H3deError
-from h3de.io_utils import atomic_write, csv_text
-from h3de.metrics import presence_summary, radial_errors, summarize_errors
+from h3de.io_utils import atomic_dir
 from h3de.module import LandmarkModule
+from h3de.report import Scores, check_radii, score, write_report
 
-__all__ = ["EvaluationResult", "evaluate", "load_checkpoint"]
+__all__ = ["EvaluationResult", "evaluate", "evaluate_files", "load_checkpoint", "resolve_checkpoint"]
+
+_RUN_NAME = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")  # train.make_run_dir: <timestamp>[-n]
+_PREDICT_OUTPUTS = ("predictions.csv", "summary.json")  # written by h3de predict beside the landmark files
 
 
 @dataclass
 class EvaluationResult:
     out_dir: Path
     summary: dict
-    errors: torch.Tensor  # (N, L) mm, NaN = absent
+    errors: torch.Tensor  # (N, L) mm, NaN unless present and called present
     case_ids: list[str]
+    landmark_names: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint that ``path`` names.
+
+    - a file: that checkpoint;
+    - a folder: a run directory; its ``checkpoints/best.ckpt``;
+    - ``<folder>/latest``, where no such file or folder exists: the newest run in ``<folder>``
+      (``runs/<experiment>``; newest by the ``<timestamp>[-n]`` names ``h3de train`` gives) that holds a
+      ``checkpoints/best.ckpt``.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        best = path / "checkpoints" / "best.ckpt"
+        if not best.is_file():
+            raise H3deError(f"{path}: a folder without checkpoints/best.ckpt (give a run directory or a .ckpt file)")
+        return best
+    if path.name == "latest":
+        runs = []
+        if path.parent.is_dir():
+            for run in path.parent.iterdir():
+                match = _RUN_NAME.fullmatch(run.name)
+                if match and (run / "checkpoints" / "best.ckpt").is_file():
+                    runs.append(((match[1], int(match[2] or 0)), run))
+        if not runs:
+            raise H3deError(f"{path}: no run in {path.parent} has a checkpoints/best.ckpt")
+        return max(runs)[1] / "checkpoints" / "best.ckpt"
+    raise H3deError(f"checkpoint not found: {path}")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LandmarkModule:
@@ -62,6 +96,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return module.eval()
 
 
+def _check_threshold(presence_threshold: float) -> None:
+    if not 0.0 <= presence_threshold <= 1.0:
+        raise H3deError(f"presence threshold must be in [0, 1], got {presence_threshold}")
+
+
 def evaluate(
     checkpoint: str | Path,
     split: str = "test",
@@ -69,24 +108,29 @@ def evaluate(
     data_root: str | Path | None = None,
     batch_size: int | None = None,
     presence_threshold: float = 0.5,
+    radii: Sequence[float] | None = None,
 ) -> EvaluationResult:
     """Evaluate ``checkpoint`` on ``split`` of its dataset (or of the manifest under ``data_root``).
 
     Args:
-        checkpoint: a ``.ckpt`` written by ``h3de train``.
+        checkpoint: a ``.ckpt`` written by ``h3de train``, a run directory or ``runs/<experiment>/latest``
+            (:func:`resolve_checkpoint`).
         split: "train", "val" or "test".
         out_dir: output folder; default ``<run dir>/eval_<split>`` beside the checkpoint folder.
         data_root: dataset folder overriding the one in the checkpoint's config.
-        batch_size: evaluation batch size (default: the config's).
+        batch_size: evaluation batch size, a positive integer (default: the config's).
         presence_threshold: presence probability in [0, 1] below which a landmark is called absent
             (every readout trains its presence so that 0.5 separates present from absent; 0 calls
-            every landmark present).
+            every landmark present, and then the MRE is that of every present landmark, as ``val/mre_mm``).
+        radii: SDR radii in mm (default: the checkpoint config's ``sdr_radii_mm``).
     """
     if split not in ("train", "val", "test"):
         raise H3deError(f"unknown split '{split}' (expected train, val or test)")
-    if not 0.0 <= presence_threshold <= 1.0:
-        raise H3deError(f"presence threshold must be in [0, 1], got {presence_threshold}")
-    checkpoint = Path(checkpoint)
+    _check_threshold(presence_threshold)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise H3deError(f"batch size must be a positive integer, got {batch_size}")
+    radii = check_radii(radii) if radii is not None else None
+    checkpoint = resolve_checkpoint(checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = load_checkpoint(checkpoint, map_location=device).to(device)
     cfg = config_from_dict(module.hparams["config"])
@@ -102,64 +146,142 @@ def evaluate(
         )
     out_dir = Path(out_dir) if out_dir is not None else checkpoint.resolve().parent.parent / f"eval_{split}"
 
-    case_ids, predicted, truth, present, presence = [], [], [], [], []
+    case_ids, predicted, truth, presence = [], [], [], []
     with torch.inference_mode():
         for batch in datamodule.eval_dataloader(split):
             for sample, found in zip(batch, module.detect_batch(batch), strict=True):
-                predicted.append(found.world[None])
-                presence.append(found.presence[None])
-                truth.append(sample["landmarks_world"][None])
-                present.append(sample["present"][None])
+                predicted.append(found.world[None].cpu())
+                presence.append(found.presence[None].cpu())
+                truth.append(sample["landmarks_world"][None])  # NaN rows = absent
                 case_ids.append(sample["case_id"])
-    predicted, truth, present, presence = (torch.cat(x) for x in (predicted, truth, present, presence))
-    errors = radial_errors(predicted, truth, present)
-
-    radii = list(cfg.sdr_radii_mm)
     names = module.landmark_names
-    summary = {
-        "checkpoint": str(checkpoint.resolve()),
-        "split": split,
-        "num_cases": len(case_ids),
-        **summarize_errors(errors, radii),
-        "per_landmark_mre_mm": {n: _finite_or_none(torch.nanmean(errors[:, i]).item()) for i, n in enumerate(names)},
-        **presence_summary(presence, present, presence_threshold),
-    }
-    called_present = presence >= presence_threshold
-    outputs = (names, case_ids, predicted, presence, called_present, truth, present, errors, radii, summary)
-    _write_outputs(out_dir, *outputs)
-    return EvaluationResult(out_dir, summary, errors, case_ids)
+    radii = radii or check_radii(cfg.sdr_radii_mm)
+    scores = score(names, case_ids, *(torch.cat(x) for x in (truth, predicted, presence)), presence_threshold, radii)
+    summary = write_report(out_dir, scores, {"checkpoint": str(checkpoint.resolve()), "split": split})
+    _write_markups(out_dir / "predictions", scores)
+    return EvaluationResult(out_dir, summary, scores.errors, case_ids, names)
 
 
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+def _write_markups(folder: Path, scores: Scores) -> None:
+    """``<case>.mrk.json`` of every case, landmarks called absent as missing; replaces the folder whole."""
+    with atomic_dir(folder) as tmp:
+        for c, case in enumerate(scores.case_ids):
+            positions = torch.where(scores.called_present[c, :, None], scores.predicted[c], torch.nan)
+            write_landmarks(tmp / f"{case}.mrk.json", scores.names, positions.numpy(), scores.presence[c].numpy())
 
 
-def _write_outputs(
-    out_dir, names, case_ids, predicted, presence, called_present, truth, present, errors, radii, summary
-) -> None:
-    rows = []
+def evaluate_files(
+    pred_dir: str | Path,
+    truth_dir: str | Path,
+    out_dir: str | Path | None = None,
+    presence_threshold: float = 0.5,
+    radii: Sequence[float] | None = None,
+) -> EvaluationResult:
+    """Score the landmark files of ``pred_dir`` against those of ``truth_dir``.
+
+    Files pair by case id (the file name without its landmark suffix); either folder may hold any supported
+    format (``h3de.data.landmark_io``). Landmarks pair by name. A truth landmark missing from a prediction
+    file, or written as absent, is called absent; so is one whose presence probability (csv ``presence``
+    column, h3de json ``presence``) is below ``presence_threshold``. A landmark named in some truth files but
+    not in another is absent from that case (``.fcsv`` cannot mark one missing).
+
+    Args:
+        pred_dir: folder of ``<case>.<suffix>`` prediction files.
+        truth_dir: folder of ``<case>.<suffix>`` ground-truth files.
+        out_dir: output folder (default ``<pred_dir>/eval``).
+        presence_threshold: in [0, 1].
+        radii: SDR radii in mm (default: the config default ``sdr_radii_mm``).
+
+    Returns:
+        The result; ``warnings`` names prediction files without truth and landmark names the truth does not
+        know (neither is scored).
+
+    Raises:
+        H3deError: before any output: a missing folder, a truth case without a prediction file (named), an
+            unreadable file, a presence that is not a probability.
+    """
+    _check_threshold(presence_threshold)
+    radii = check_radii(radii if radii is not None else ExperimentConfig().sdr_radii_mm)
+    pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
+    truth_files, pred_files = _landmark_files(truth_dir, "truth"), _landmark_files(pred_dir, "prediction")
+    case_ids = sorted(truth_files)
+    missing = [case for case in case_ids if case not in pred_files]
+    if missing:
+        raise DataError(
+            f"{pred_dir}: no prediction file for {len(missing)} truth case(s): {', '.join(missing)} "
+            f"(expected <case>{'|'.join(LANDMARK_SUFFIXES)})"
+        )
+    warnings = []
+    extra = sorted(p.name for c, p in pred_files.items() if c not in truth_files and p.name not in _PREDICT_OUTPUTS)
+    if extra:
+        warnings.append(f"{len(extra)} prediction file(s) without truth, not scored: {', '.join(extra)}")
+
+    truth_read = {case: read_landmarks(truth_files[case]) for case in case_ids}
+    names = list(dict.fromkeys(n for case in case_ids for n in truth_read[case][0]))  # first-seen order
+    index = {n: i for i, n in enumerate(names)}
+    shape = (len(case_ids), len(names))
+    truth, predicted, presence = np.full((*shape, 3), np.nan), np.full((*shape, 3), np.nan), np.full(shape, np.nan)
+    unknown: dict[str, list[str]] = {}
     for c, case in enumerate(case_ids):
-        for i, name in enumerate(names):
-            gt = truth[c, i].tolist() if present[c, i] else ["", "", ""]
-            err = f"{errors[c, i].item():.4f}" if present[c, i] else ""
-            score = f"{presence[c, i].item():.4f}"
-            called = int(called_present[c, i])
-            rows.append([case, name, int(present[c, i]), *gt, *predicted[c, i].tolist(), score, err, called])
-    header = ["case_id", "landmark", "present", "gt_x", "gt_y", "gt_z", "pred_x", "pred_y", "pred_z"]
-    header += ["presence_score", "error_mm", "called_present"]
-    atomic_write(out_dir / "predictions.csv", csv_text(header, rows))
+        for name, xyz in zip(*truth_read[case], strict=True):
+            truth[c, index[name]] = xyz
+        pred_names, positions = read_landmarks(pred_files[case])
+        for name, xyz, p in zip(pred_names, positions, _read_presence(pred_files[case], pred_names), strict=True):
+            if name not in index:
+                unknown.setdefault(name, []).append(case)
+                continue
+            predicted[c, index[name]], presence[c, index[name]] = xyz, p
+    for name, cases in unknown.items():
+        warnings.append(f"landmark '{name}' is not in the truth, not scored ({len(cases)} case(s): {', '.join(cases)})")
 
-    stat_keys = ["count", "mre_mm", "mre_sd_mm"] + [k for k in summarize_errors(errors[:, :1], radii) if "sdr" in k]
-    landmark_rows = [
-        [name, *[summarize_errors(errors[:, i], radii)[k] for k in stat_keys]] for i, name in enumerate(names)
-    ]
-    atomic_write(out_dir / "per_landmark.csv", csv_text(["landmark", *stat_keys], landmark_rows))
+    tensors = (torch.from_numpy(a) for a in (truth, predicted, presence))
+    scores = score(names, case_ids, *tensors, presence_threshold, radii)
+    out_dir = Path(out_dir) if out_dir is not None else pred_dir / "eval"
+    header = {"predictions": str(pred_dir.resolve()), "truth": str(truth_dir.resolve()), "warnings": warnings}
+    summary = write_report(out_dir, scores, header)
+    return EvaluationResult(out_dir, summary, scores.errors, case_ids, names, warnings)
 
-    case_rows = [[case, *[summarize_errors(errors[c], radii)[k] for k in stat_keys]] for c, case in enumerate(case_ids)]
-    atomic_write(out_dir / "per_case.csv", csv_text(["case_id", *stat_keys], case_rows))
 
-    for c, case in enumerate(case_ids):
-        positions = torch.where(called_present[c, :, None], predicted[c], torch.nan)
-        write_landmarks(out_dir / "predictions" / f"{case}.mrk.json", names, positions.numpy())
-    clean = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in summary.items()}
-    atomic_write(out_dir / "summary.json", json.dumps(clean, indent=2) + "\n")
+def _landmark_files(folder: Path, role: str) -> dict[str, Path]:
+    """case id -> the landmark file ``<case><suffix>`` in ``folder``; one file a case."""
+    if not folder.is_dir():
+        raise H3deError(f"{folder}: no such {role} folder")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        suffix = next((s for s in LANDMARK_SUFFIXES if path.name.lower().endswith(s)), None)
+        if suffix is None or not path.is_file() or path.name.startswith("."):
+            continue
+        case = path.name[: -len(suffix)]
+        if case in files:
+            raise DataError(f"{folder}: case '{case}' has two {role} files: {files[case].name} and {path.name}")
+        files[case] = path
+    if not files and role == "truth":
+        raise DataError(f"{folder}: no landmark files (expected <case>{'|'.join(LANDMARK_SUFFIXES)})")
+    return files
+
+
+def _read_presence(path: Path, names: list[str]) -> np.ndarray:
+    """(L,) presence probabilities a prediction file carries (a csv ``presence`` column, an h3de json
+    ``presence`` field), in the order of ``names``; NaN where it carries none."""
+    lower, values = path.name.lower(), {}
+    if lower.endswith(".csv"):
+        rows = [row for row in csv.reader(io.StringIO(path.read_text())) if row and any(c.strip() for c in row)]
+        header = [c.strip().lower() for c in rows[0]]
+        if "presence" in header:
+            column = header.index("presence")
+            values = {row[0].strip(): row[column].strip() if len(row) > column else "" for row in rows[1:]}
+    elif lower.endswith(".json") and not lower.endswith(".mrk.json"):
+        values = {e["name"]: e.get("presence") for e in json.loads(path.read_text())["landmarks"]}
+    out = np.full(len(names), np.nan)
+    for i, name in enumerate(names):
+        value = values.get(name)
+        if value is None or (isinstance(value, str) and value.lower() in ("", "nan")):
+            continue
+        try:
+            p = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            p = math.nan
+        if not 0.0 <= p <= 1.0:
+            raise DataError(f"{path}: presence {value!r} of '{name}' is not a probability in [0, 1]")
+        out[i] = p
+    return out

@@ -1,4 +1,9 @@
-"""Atomic file writing: a reader never sees a half-written output."""
+"""Atomic file writing: a reader never sees a half-written output.
+
+Temporary files and folders are created with the ordinary mode (0o666 / 0o777 less the umask, 0644 / 0755
+under umask 022), so outputs are as readable as any other file the user writes (``tempfile.mkstemp`` would
+make them 0600).
+"""
 
 from __future__ import annotations
 
@@ -6,30 +11,75 @@ import contextlib
 import csv
 import io
 import os
-import tempfile
+import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_path", "csv_text"]
+__all__ = ["atomic_write", "atomic_path", "atomic_dir", "csv_text"]
+
+
+def _temporary_name(path: Path, suffix: str = "") -> Path:
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp{suffix}"
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
-    The temporary name keeps the final suffix(es) so writers that dispatch on them (nibabel) work.
+    The temporary name keeps the final suffix(es) so writers that dispatch on them (nibabel) work. The file
+    exists (empty) when the block starts, with the umask-derived mode.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
-    os.close(fd)
+    while True:
+        tmp = _temporary_name(path, "".join(path.suffixes))
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies
+            break
+        except FileExistsError:
+            continue
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty folder beside ``path``; if the block succeeds, it replaces ``path`` and its contents.
+
+    The old folder is renamed aside, the new one renamed into place, then the old one removed: no file of
+    an earlier run survives, and ``path`` never holds a half-written set (between the two renames it is
+    briefly absent). On failure the new folder is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = _temporary_name(path)
+        try:
+            tmp.mkdir(0o777)  # the umask applies
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+        old = _temporary_name(path, ".old") if path.exists() else None
+        if old is not None:
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:
+                os.replace(old, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def atomic_write(path: str | os.PathLike, text: str) -> None:

@@ -1,6 +1,7 @@
 """Localization metrics in world millimetres, over present landmarks only.
 
-- MRE: mean radial (Euclidean) error in mm, with its standard deviation (population, ddof=0).
+- MRE: mean radial (Euclidean) error in mm, with its standard deviation (population, ddof=0); the median
+  (the mean of the two middle values for an even count) and the maximum (``describe_errors``).
 - SDR@r: successful detection rate, the percentage of present landmarks with error <= r mm.
 - per-landmark MRE.
 - presence: how well a per-landmark presence probability separates present from absent landmarks
@@ -17,7 +18,17 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["radial_errors", "summarize_errors", "sdr_key", "presence_summary", "LandmarkErrors", "PresenceScores"]
+__all__ = [
+    "radial_errors",
+    "summarize_errors",
+    "describe_errors",
+    "sdr_key",
+    "presence_calls",
+    "presence_auroc",
+    "presence_summary",
+    "LandmarkErrors",
+    "PresenceScores",
+]
 
 
 def radial_errors(predicted: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -49,42 +60,70 @@ def summarize_errors(errors: torch.Tensor, radii_mm: Sequence[float]) -> dict[st
     return summary
 
 
+def describe_errors(errors: torch.Tensor, radii_mm: Sequence[float]) -> dict[str, float]:
+    """:func:`summarize_errors` plus ``median_mm`` and ``max_mm``, in report order (NaN where none present)."""
+    valid = errors[~torch.isnan(errors)].double()
+    summary = summarize_errors(errors, radii_mm)
+    spread = {
+        "median_mm": valid.quantile(0.5).item() if valid.numel() else float("nan"),
+        "max_mm": valid.max().item() if valid.numel() else float("nan"),
+    }
+    first = {k: summary.pop(k) for k in ("count", "mre_mm", "mre_sd_mm")}
+    return {**first, **spread, **summary}
+
+
 def _ratio(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 
 
-def presence_summary(score: torch.Tensor, present: torch.Tensor, threshold: float = 0.5) -> dict:
-    """How a (N, L) presence probability separates present from absent landmarks ((N, L) bool).
+def presence_calls(called_present: torch.Tensor, present: torch.Tensor) -> dict:
+    """How (N, L) bool calls of present/absent match the ground truth's (N, L) bool ``present``.
 
-    A score below ``threshold`` calls a landmark absent. The absent class is the positive one of the
-    precision, recall and F1 (as the MML benchmark reports them). Returns:
+    The absent class is the positive one of the precision, recall and F1 (as the MML benchmark reports them).
+    Returns:
 
     - ``absent``: landmarks absent from the ground truth;
-    - ``presence_auroc``: AUROC of the score with present as the positive class (None unless both kinds
-      occur);
-    - ``presence_threshold``; ``absent_detected`` (absent and called absent, the true positives);
-      ``present_called_absent`` (the false positives);
+    - ``absent_detected``: absent and called absent (the true positives); ``present_called_absent``: present
+      and called absent (the false positives, missed detections);
     - ``presence_accuracy``: the fraction of landmarks called rightly (present or absent);
     - ``absent_precision``, ``absent_recall``, ``absent_f1``: of the absent class, None where the
       denominator is 0 (nothing called absent; nothing absent; neither).
     """
-    score, present = score.flatten().double(), present.flatten().bool()
-    both = bool(present.any() and (~present).any())
-    called_absent = score < threshold
+    called_absent, present = ~called_present.flatten().bool(), present.flatten().bool()
     true_pos = int((called_absent & ~present).sum())
     false_pos = int((called_absent & present).sum())
     false_neg = int((~called_absent & ~present).sum())
     absent = int((~present).sum())
     return {
         "absent": absent,
-        "presence_auroc": binary_auroc(score, present.long()).item() if both else None,
-        "presence_threshold": threshold,
         "absent_detected": true_pos,
         "present_called_absent": false_pos,
         "presence_accuracy": _ratio(present.numel() - false_pos - false_neg, present.numel()),
         "absent_precision": _ratio(true_pos, true_pos + false_pos),
         "absent_recall": _ratio(true_pos, absent),
         "absent_f1": _ratio(2 * true_pos, 2 * true_pos + false_pos + false_neg),
+    }
+
+
+def presence_auroc(score: torch.Tensor, present: torch.Tensor) -> float | None:
+    """AUROC of a presence probability with present as the positive class; None unless both kinds occur."""
+    score, present = score.flatten().double(), present.flatten().bool()
+    both = bool(present.any() and (~present).any())
+    return binary_auroc(score, present.long()).item() if both else None
+
+
+def presence_summary(score: torch.Tensor, present: torch.Tensor, threshold: float = 0.5) -> dict:
+    """How a (N, L) presence probability separates present from absent landmarks ((N, L) bool).
+
+    A score below ``threshold`` calls a landmark absent. Returns ``presence_auroc``
+    (:func:`presence_auroc`), ``presence_threshold`` and the counts and rates of :func:`presence_calls`.
+    """
+    calls = presence_calls(score >= threshold, present)
+    return {
+        "absent": calls.pop("absent"),
+        "presence_auroc": presence_auroc(score, present),
+        "presence_threshold": threshold,
+        **calls,
     }
 
 

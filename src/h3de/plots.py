@@ -1,4 +1,4 @@
-"""Figures: quality-control slices of predicted landmarks.
+"""Figures: quality-control slices of predicted landmarks; the cumulative error distribution of an evaluation.
 
 matplotlib with the Agg backend (no screen needed); every figure is written atomically.
 """
@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 
 from h3de.io_utils import atomic_path  # noqa: E402
 
-__all__ = ["qc_slices"]
+__all__ = ["qc_slices", "cumulative_errors"]
 
 _VIEWS = (("sagittal", 0, (1, 2)), ("coronal", 1, (0, 2)), ("axial", 2, (0, 1)))  # name, fixed axis, shown axes
 
@@ -67,4 +67,41 @@ def qc_slices(
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / rows))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=72)
+    plt.close(fig)
+
+
+def cumulative_errors(path: str | os.PathLike, errors: np.ndarray, radii_mm: list[float], title: str = "") -> None:
+    """Write a PNG of the cumulative error distribution: the fraction of landmarks within r mm against r.
+
+    Args:
+        path: the PNG to write.
+        errors: radial errors in mm of the scored landmarks, any shape (NaN entries are left out).
+        radii_mm: the SDR radii, marked by dashed lines; the fraction within each in a box.
+        title: the figure's title.
+    """
+    values = np.sort(np.asarray(errors, dtype=np.float64).ravel())
+    values = values[np.isfinite(values)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    right = 1.05 * max([*values[-1:], *radii_mm, 1.0])
+    if values.size:
+        fraction = np.arange(1, values.size + 1) / values.size
+        ax.step(np.concatenate([[0.0], values, [right]]), np.concatenate([[0.0], fraction, [1.0]]), where="post")
+    else:
+        ax.text(0.5, 0.5, "no landmark scored", ha="center", va="center", transform=ax.transAxes)
+    lines = []
+    for r in radii_mm:
+        within = (values <= r).mean() if values.size else 0.0
+        ax.axvline(r, color="grey", linestyle="--", linewidth=0.8)
+        lines.append(f"{r:g} mm: {100 * within:.1f}%")
+    box = {"boxstyle": "round", "facecolor": "white", "alpha": 0.8}
+    ax.text(0.97, 0.05, "SDR (dashed)\n" + "\n".join(lines), transform=ax.transAxes, ha="right", va="bottom", bbox=box)
+    ax.set_xlim(0.0, right)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("radial error r (mm)")
+    ax.set_ylabel("fraction of landmarks within r")
+    ax.set_title(title or f"cumulative error distribution ({values.size} landmarks)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

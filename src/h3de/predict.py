@@ -33,7 +33,7 @@ from h3de.config import config_from_dict
 from h3de.data.landmark_io import LANDMARK_SUFFIXES, read_landmarks, write_landmarks
 from h3de.data.pipelines import build_inference_transforms
 from h3de.errors import H3deError, root_cause
-from h3de.evaluate import load_checkpoint
+from h3de.evaluate import load_checkpoint, resolve_checkpoint
 from h3de.inference import detect
 from h3de.io_utils import atomic_write, csv_text
 
@@ -110,7 +110,8 @@ def predict(
     """Predict the landmarks of one image or of every image in a folder.
 
     Args:
-        checkpoint: a ``.ckpt`` written by ``h3de train``.
+        checkpoint: a ``.ckpt`` written by ``h3de train``, a run directory or ``runs/<experiment>/latest``
+            (:func:`h3de.evaluate.resolve_checkpoint`).
         inputs: an image file, or a folder of them (``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``).
         out_dir: output folder (created).
         fmt: landmark file format: ``mrk.json``, ``fcsv``, ``csv`` or ``json``.
@@ -132,6 +133,7 @@ def predict(
     ids = [case_id_of(p) for p in images]
     if len(set(ids)) != len(ids):
         raise H3deError(f"{inputs}: several images share a case id (file name without suffix)")
+    checkpoint = resolve_checkpoint(checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = load_checkpoint(checkpoint, map_location=device).to(device)
     out_dir = Path(out_dir)
