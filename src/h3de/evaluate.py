@@ -12,7 +12,6 @@ below the threshold, are "missing"). The folder is written whole beside the old 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import re
@@ -265,11 +264,12 @@ def _read_presence(path: Path, names: list[str]) -> np.ndarray:
     ``presence`` field), in the order of ``names``; NaN where it carries none."""
     lower, values = path.name.lower(), {}
     if lower.endswith(".csv"):
-        rows = [row for row in csv.reader(io.StringIO(path.read_text())) if row and any(c.strip() for c in row)]
+        lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]  # declarations
+        rows = [row for row in csv.reader(lines) if row and any(c.strip() for c in row)]
         header = [c.strip().lower() for c in rows[0]]
-        if "presence" in header:
-            column = header.index("presence")
-            values = {row[0].strip(): row[column].strip() if len(row) > column else "" for row in rows[1:]}
+        if "presence" in header and "name" in header:
+            column, name = header.index("presence"), header.index("name")
+            values = {row[name].strip(): row[column].strip() if len(row) > column else "" for row in rows[1:]}
     elif lower.endswith(".json") and not lower.endswith(".mrk.json"):
         values = {e["name"]: e.get("presence") for e in json.loads(path.read_text())["landmarks"]}
     out = np.full(len(names), np.nan)
