@@ -5,6 +5,7 @@ h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--presenc
 h3de predict CHECKPOINT IMAGE_OR_FOLDER --out DIR [--format mrk.json|fcsv|csv|json] [--qc] [--truth PATH]
 h3de profile MODEL [MODEL ...] [--input D,H,W] [key=value ...]
 h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0] [--workers 1]
+h3de data afids --out DIR [--wheel PATH] [--seed 0] [--val 6] [--test 10]
 """
 
 from __future__ import annotations
@@ -79,6 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     phantom.add_argument("--cases", type=int, default=40, help="number of cases")
     phantom.add_argument("--voxel-mm", type=float, default=3.0, help="in-plane voxel size in mm")
     phantom.add_argument("--workers", type=int, default=1, help="processes rendering cases in parallel")
+    afids = data_commands.add_parser(
+        "afids", help="the AFIDs brain example: MNI templates with expert landmarks, synthetic held-out subjects"
+    )
+    afids.add_argument("--out", required=True, help="output folder (dataset.json is written last)")
+    afids.add_argument(
+        "--wheel", default=None, help="autoafids-0.1.4-py3-none-any.whl already downloaded (then no network is used)"
+    )
+    afids.add_argument("--seed", type=int, default=0, help="seed of the synthetic subjects")
+    afids.add_argument("--val", type=int, default=6, help="synthetic subjects in the val split")
+    afids.add_argument("--test", type=int, default=10, help="synthetic subjects in the test split")
     return parser
 
 
@@ -187,9 +198,28 @@ def _phantom(args: argparse.Namespace) -> None:
     print(f"wrote {len(manifest.cases)} cases to {manifest.path.parent} ({json.dumps(counts)})")
 
 
+def _afids(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from h3de.data.afids import generate_afids, template_baseline_errors
+
+    try:
+        manifest = generate_afids(args.out, args.wheel, seed=args.seed, num_val=args.val, num_test=args.test)
+    except ValueError as e:
+        raise H3deError(str(e)) from None
+    counts = {s: len(manifest.split(s)) for s in ("train", "val", "test")}
+    baseline = {s: float(np.nanmean(template_baseline_errors(manifest, s))) for s in ("val", "test")}
+    print(f"wrote {len(manifest.cases)} cases to {manifest.path.parent} ({json.dumps(counts)})")
+    print(f"template-position baseline MRE: val {baseline['val']:.2f} mm, test {baseline['test']:.2f} mm")
+
+
+def _data(args: argparse.Namespace) -> None:
+    {"phantom": _phantom, "afids": _afids}[args.data_command](args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "profile": _profile, "data": _phantom}
+    handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "profile": _profile, "data": _data}
     handler = handler[args.command]
     try:
         handler(args)
