@@ -9,11 +9,14 @@ PHANTOM := data/phantom
 PHANTOM_FINE := data/phantom_1mm
 # regenerate the phantoms when the generator changes them (src/h3de/data/phantom.py _GENERATOR_VERSION)
 PHANTOM_VERSION := $(shell sed -n 's/^_GENERATOR_VERSION = \([0-9]*\).*/\1/p' src/h3de/data/phantom.py)
+AFIDS := data/afids
+# regenerate the AFIDs subjects when their generator changes (src/h3de/data/afids.py _GENERATOR_VERSION)
+AFIDS_VERSION := $(shell sed -n 's/^_GENERATOR_VERSION = \([0-9]*\).*/\1/p' src/h3de/data/afids.py)
 EXPERIMENT ?= experiments/phantom_h3de.yaml
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data data-fine train test test-all lint format benchmark clean
+.PHONY: help install data data-fine data-afids train test test-all lint format benchmark clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}'
@@ -37,6 +40,12 @@ $(PHANTOM_FINE)/.version-$(PHANTOM_VERSION): | $(STAMP)
 data: $(PHANTOM)/.version-$(PHANTOM_VERSION) ## generate the built-in phantom dataset (data/phantom, 3 mm)
 
 data-fine: $(PHANTOM_FINE)/.version-$(PHANTOM_VERSION) ## generate the 1 mm phantom (data/phantom_1mm) of the fine-resolution experiments
+
+$(AFIDS)/.version-$(AFIDS_VERSION): | $(STAMP)
+	$(BIN)/h3de data afids --out $(AFIDS) --seed 0
+	@rm -f $(AFIDS)/.version-* && touch $@
+
+data-afids: $(AFIDS)/.version-$(AFIDS_VERSION) ## MNI brain templates + expert AFIDs from the autoafids==0.1.4 wheel (pip download, checksums pinned), synthetic val/test subjects (data/afids)
 
 train: $(STAMP) $(PHANTOM)/.version-$(PHANTOM_VERSION) ## train EXPERIMENT (default experiments/phantom_h3de.yaml); extra overrides in ARGS="key=value ..."
 	$(BIN)/h3de train $(EXPERIMENT) $(ARGS)
@@ -68,4 +77,4 @@ benchmark: $(STAMP) $(PHANTOM)/.version-$(PHANTOM_VERSION) ## run every benchmar
 	$(BIN)/python benchmarks/predict_cost.py
 
 clean: ## remove runs and generated data (keeps .venv)
-	rm -rf runs wandb $(PHANTOM) $(PHANTOM_FINE)
+	rm -rf runs wandb $(PHANTOM) $(PHANTOM_FINE) $(AFIDS)

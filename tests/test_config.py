@@ -42,6 +42,17 @@ def test_defaults_file_and_overrides_merge_in_order(tmp_path):
         ("trainer.max_time=1:30", "trainer.max_time"),
         ("trainer.max_time=00:24:00:00", "trainer.max_time='00:24:00:00'"),
         ("trainer.max_time=00:00:00:00", "trainer.max_time"),
+        ("data.normalize=window", "data.window=.lo, hi."),
+        ("data.window=[0,100]", "data.window=.0.0, 100.0. is only read by data.normalize=window"),
+        ("data.percentiles=[99,1]", "data.percentiles"),
+        ("data.percentiles=[0.5]", "data.percentiles"),
+        ("data.percentiles=[-1,99]", "data.percentiles"),
+        ("data.augment.bias_field_prob=2", "data.augment.bias_field_prob"),
+        ("data.augment.bias_field_coeff=-0.1", "data.augment.bias_field_coeff"),
+        ("data.augment.bias_field_degree=0", "data.augment.bias_field_degree"),
+        ("data.augment.contrast_prob=-1", "data.augment.contrast_prob"),
+        ("data.augment.contrast_gamma=[0,1]", "data.augment.contrast_gamma"),
+        ("data.augment.contrast_gamma=[1.5,0.7]", "data.augment.contrast_gamma"),
         ("no_equals_sign", "key=value"),
     ],
 )
@@ -57,6 +68,14 @@ def test_step_and_time_budgets():
     assert (defaults.trainer.max_time, defaults.trainer.max_steps, defaults.data.samples_per_epoch) == (None, -1, None)
     with pytest.raises(ConfigError, match="trainer.max_time.*quote it"):  # YAML reads 1:12:00:00 as base 60
         load_config(None, ["trainer.max_time=1:12:00:00"])
+
+
+def test_intensity_settings():
+    cfg = load_config(None, ["data.normalize=window", "data.window=[-1000,2000]"])
+    assert list(cfg.data.window) == [-1000.0, 2000.0]
+    defaults = load_config().data
+    assert (defaults.normalize, list(defaults.percentiles), defaults.window) == ("zscore", [0.5, 99.5], None)
+    assert (defaults.augment.bias_field_prob, defaults.augment.contrast_prob) == (0.0, 0.0)
 
 
 def test_section_shorthand_sets_its_name():

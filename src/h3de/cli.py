@@ -9,6 +9,7 @@ h3de profile MODEL [MODEL ...] [--input D,H,W] [key=value ...]
 h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0] [--workers 1]
 h3de data import IMAGES LANDMARKS --out DIR [--split 0.7,0.15,0.15] [--seed 0] [--mirrored auto|none|A:B,...]
 h3de data convert {mml,afids,verse} SRC --out DIR [--split F,F,F] [--seed 0]
+h3de data afids --out DIR [--wheel PATH] [--seed 0] [--val 6] [--test 10]
 """
 
 from __future__ import annotations
@@ -134,6 +135,17 @@ def _parser() -> argparse.ArgumentParser:
         "--split", default=None, help="train,val,test fractions drawn from --seed (default: the dataset's splits)"
     )
     convert.add_argument("--seed", type=int, default=0, help="seed of the split draw")
+
+    afids = data_commands.add_parser(
+        "afids", help="the AFIDs brain example: MNI templates with expert landmarks, synthetic held-out subjects"
+    )
+    afids.add_argument("--out", required=True, help="output folder (dataset.json is written last)")
+    afids.add_argument(
+        "--wheel", default=None, help="autoafids-0.1.4-py3-none-any.whl already downloaded (then no network is used)"
+    )
+    afids.add_argument("--seed", type=int, default=0, help="seed of the synthetic subjects")
+    afids.add_argument("--val", type=int, default=6, help="synthetic subjects in the val split")
+    afids.add_argument("--test", type=int, default=10, help="synthetic subjects in the test split")
     return parser
 
 
@@ -282,8 +294,23 @@ def _phantom(args: argparse.Namespace) -> None:
     print(f"wrote {len(manifest.cases)} cases to {manifest.path.parent} ({json.dumps(counts)})")
 
 
+def _afids(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from h3de.data.afids import generate_afids, template_baseline_errors
+
+    try:
+        manifest = generate_afids(args.out, args.wheel, seed=args.seed, num_val=args.val, num_test=args.test)
+    except ValueError as e:
+        raise H3deError(str(e)) from None
+    counts = {s: len(manifest.split(s)) for s in ("train", "val", "test")}
+    baseline = {s: float(np.nanmean(template_baseline_errors(manifest, s))) for s in ("val", "test")}
+    print(f"wrote {len(manifest.cases)} cases to {manifest.path.parent} ({json.dumps(counts)})")
+    print(f"template-position baseline MRE: val {baseline['val']:.2f} mm, test {baseline['test']:.2f} mm")
+
+
 def _data(args: argparse.Namespace) -> None:
-    {"phantom": _phantom, "import": _import, "convert": _convert}[args.data_command](args)
+    {"phantom": _phantom, "import": _import, "convert": _convert, "afids": _afids}[args.data_command](args)
 
 
 def _split_fractions(text: str) -> list[float]:

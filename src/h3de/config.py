@@ -7,6 +7,7 @@ error, and OmegaConf checks types, so ``data.batch_size=abc`` fails naming the k
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -58,6 +59,16 @@ class AugmentConfig:
     elastic_prob: float = 0.0
     elastic_magnitude_mm: float = 6.0  # control-point displacements uniform in +- this, per axis
     elastic_spacing_mm: float = 40.0  # between control points: larger is smoother
+    # MRI bias field (MONAI RandBiasFieldd on the global image, not the local patches): the image times exp of a
+    # Legendre polynomial of degree bias_field_degree whose coefficients are uniform in +-bias_field_coeff. Off (0.0)
+    # by default, like the contrast below: the chain is then unchanged.
+    bias_field_prob: float = 0.0
+    bias_field_coeff: float = 0.1
+    bias_field_degree: int = 3
+    # Contrast (MONAI RandAdjustContrastd): intensities rescaled to [0, 1] over their range, raised to a power
+    # uniform in contrast_gamma, and scaled back; on the global image and the local patches.
+    contrast_prob: float = 0.0
+    contrast_gamma: list[float] = field(default_factory=lambda: [0.7, 1.5])
 
 
 @dataclass
@@ -68,7 +79,9 @@ class DataConfig:
     manifest: str = "dataset.json"  # relative to root
     spacing_mm: list[float] = field(default_factory=lambda: [4.0, 4.0, 4.0])  # resampling target
     patch_size: list[int] = field(default_factory=lambda: [48, 48, 48])  # voxels, centre pad/crop
-    normalize: str = "zscore"  # zscore | percentile
+    normalize: str = "zscore"  # zscore | percentile (MRI) | window (CT)
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])  # percentile: these map to 0 and 1, clipped
+    window: list[float] | None = None  # window: [lo, hi] in image units (CT: HU) clipped and mapped to [0, 1]
     heatmap_sigma: float = 2.0  # Gaussian target sigma in voxels of the resampled grid
     batch_size: int = 4  # global batch, divided over devices
     num_workers: int = 0
@@ -265,7 +278,7 @@ class ExperimentConfig:
 _NAMED_SECTIONS = ("model", "loss", "optim", "logger")  # sections chosen by their `name` field
 
 _CHOICES = {
-    "data.normalize": ("zscore", "percentile"),
+    "data.normalize": ("zscore", "percentile", "window"),
     "loss.name": ("spatial_ce", "weighted_mse", "ball_ohnm", "anchor"),
     "detection.mode": ("whole", "sliding_window", "coarse_to_fine"),
     "local.loss.name": ("spatial_ce", "weighted_mse", "ball_ohnm"),
@@ -395,7 +408,7 @@ def validate(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    probabilities = ("affine_prob", "flip_prob", "intensity_prob", "elastic_prob")
+    probabilities = ("affine_prob", "flip_prob", "intensity_prob", "elastic_prob", "bias_field_prob", "contrast_prob")
     for key in (f"data.augment.{name}" for name in probabilities):
         value = OmegaConf.select(cfg, key)
         if not 0.0 <= value <= 1.0:
@@ -404,6 +417,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.augment.elastic_magnitude_mm must be non-negative, got {cfg.data.augment.elastic_magnitude_mm}"
         )
+    _validate_intensity(cfg)
     if not 0.0 <= cfg.data.cache_rate <= 1.0:
         raise ConfigError(f"data.cache_rate must lie in [0, 1], got {cfg.data.cache_rate}")
     if cfg.data.samples_per_epoch is not None and cfg.data.samples_per_epoch <= 0:
@@ -418,6 +432,32 @@ def validate(cfg: DictConfig) -> None:
         )
     if any(r <= 0 for r in cfg.sdr_radii_mm):
         raise ConfigError(f"sdr_radii_mm must be positive, got {list(cfg.sdr_radii_mm)}")
+
+
+def _validate_intensity(cfg: DictConfig) -> None:
+    """Normalisation and intensity augmentation: percentiles, CT window, bias field, contrast."""
+    data, aug = cfg.data, cfg.data.augment
+    percentiles = list(data.percentiles)
+    if len(percentiles) != 2 or not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
+        raise ConfigError(f"data.percentiles must be [lower, upper] with 0 <= lower < upper <= 100, got {percentiles}")
+    if data.normalize == "window":
+        window = data.window
+        if window is None or len(window) != 2 or not all(math.isfinite(v) for v in window) or window[0] >= window[1]:
+            found = None if window is None else list(window)
+            raise ConfigError(f"data.normalize=window needs data.window=[lo, hi] with lo < hi (CT: HU), got {found}")
+    elif data.window is not None:
+        raise ConfigError(
+            f"data.window={list(data.window)} is only read by data.normalize=window, not '{data.normalize}': "
+            "set data.normalize=window or data.window=null"
+        )
+    if aug.bias_field_coeff < 0 or aug.bias_field_degree < 1:
+        raise ConfigError(
+            "data.augment.bias_field_coeff must be non-negative and data.augment.bias_field_degree at least 1, got "
+            f"{aug.bias_field_coeff} and {aug.bias_field_degree}"
+        )
+    gamma = list(aug.contrast_gamma)
+    if len(gamma) != 2 or not 0.0 < gamma[0] <= gamma[1]:
+        raise ConfigError(f"data.augment.contrast_gamma must be [low, high] with 0 < low <= high, got {gamma}")
 
 
 def _validate_detection(cfg: DictConfig) -> None:

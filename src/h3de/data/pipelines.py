@@ -3,9 +3,11 @@
 Training:  load -> RAS -> normalise -> resample -> centre pad/crop    (cached by CacheDataset)
            [coarse-to-fine: + local patches from the normalised RAS volume]
            [sliding window: a random patch instead of resample + crop]
-           -> [mirror with label swap -> random affine -> elastic warp -> intensity]  (augmented splits only)
+           -> [mirror with label swap -> random affine -> elastic warp -> intensity (bias field, contrast, scale,
+              shift, noise)]  (augmented splits only)
            -> world landmarks onto the final voxel grid -> heatmaps -> pack
 Inference: load -> RAS -> normalise -> resample -> pad to >= patch (whole scan, no ground truth) -> pack
+Normalise: z-score, MRI percentiles or a CT window to [0, 1] (``data.normalize``), in place.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from monai.transforms import (
     DeleteItemsd,
     MapTransform,
     Orientationd,
+    RandAdjustContrastd,
     RandAffined,
+    RandBiasFieldd,
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
     ResizeWithPadOrCropd,
-    ScaleIntensityRangePercentilesd,
     Spacingd,
     SpatialPadd,
 )
@@ -43,7 +46,9 @@ from h3de.data.transforms import (
     LandmarkMaskd,
     PackInferenced,
     PackLandmarkSampled,
+    PercentileScaled,
     RandMirrord,
+    WindowScaled,
     ZScored,
 )
 
@@ -136,7 +141,7 @@ def build_transforms(
     if train and cfg.augment.enabled:
         steps += _augmentations(cfg, spacing, mirror_permutation)
         if mode == "coarse_to_fine":
-            steps += _intensity_augmentations(cfg.augment, "local_image")
+            steps += _intensity_augmentations(cfg.augment, "local_image", bias_field=False)
     steps += [
         CopyItemsd("landmarks_world", names="landmarks_voxel"),
         ApplyTransformToPointsd(
@@ -196,16 +201,19 @@ def load_and_normalise(cfg: DataConfig) -> list:
     return [
         LoadVolumed("image"),
         Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        _normalizer(cfg.normalize),
+        _normalizer(cfg),
     ]
 
 
-def _normalizer(name: str):
-    if name == "zscore":
+def _normalizer(cfg: DataConfig):
+    """``cfg.normalize``: z-score, percentiles to [0, 1] (MRI) or a fixed window to [0, 1] (CT); all in place."""
+    if cfg.normalize == "zscore":
         return ZScored("image")
-    if name == "percentile":
-        return ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
-    raise ValueError(f"unknown normalisation '{name}'")
+    if cfg.normalize == "percentile":
+        return PercentileScaled("image", *cfg.percentiles)
+    if cfg.normalize == "window":
+        return WindowScaled("image", cfg.window)
+    raise ValueError(f"unknown normalisation '{cfg.normalize}'")
 
 
 def _augmentations(cfg: DataConfig, spacing: tuple[float, ...], mirror_permutation: Sequence[int]) -> list:
@@ -235,8 +243,17 @@ def _augmentations(cfg: DataConfig, spacing: tuple[float, ...], mirror_permutati
     return spatial + _intensity_augmentations(aug, "image")
 
 
-def _intensity_augmentations(aug: AugmentConfig, key: str) -> list:
-    return [
+def _intensity_augmentations(aug: AugmentConfig, key: str, bias_field: bool = True) -> list:
+    """Random intensity changes of ``key``: bias field (``bias_field``: a (C, D, H, W) image, not a stack of patches)
+    and contrast when their probability is above 0 (an extra random transform would reseed the ones after it),
+    then scale, shift and noise."""
+    steps = []
+    if bias_field and aug.bias_field_prob > 0:
+        coeff = (-aug.bias_field_coeff, aug.bias_field_coeff)
+        steps.append(RandBiasFieldd(key, degree=aug.bias_field_degree, coeff_range=coeff, prob=aug.bias_field_prob))
+    if aug.contrast_prob > 0:
+        steps.append(RandAdjustContrastd(key, gamma=tuple(aug.contrast_gamma), prob=aug.contrast_prob))
+    return steps + [
         RandScaleIntensityd(key, factors=aug.intensity_scale, prob=aug.intensity_prob),
         RandShiftIntensityd(key, offsets=aug.intensity_shift, prob=aug.intensity_prob),
         RandGaussianNoised(key, std=aug.noise_std, prob=aug.intensity_prob),
