@@ -203,6 +203,7 @@ class LocalStageConfig:
     heatmap_sigma: float = 1.5  # voxels of the fine grid
     offset_mm: float = 8.0  # +- per axis around the true landmark (training only)
     rotate_deg: float = 10.0  # +- random rotation of the patch about each axis (training only)
+    scale: float = 0.0  # +- fraction of random stretch of the patch along each of its axes (training only)
     loss_weight: float = 1.0  # weight of the local loss beside the global one
     patches_per_sample: int | None = None  # training patches per sample (null: one per landmark); bounds memory
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="unet"))
@@ -474,6 +475,8 @@ def _validate_detection(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
     if cfg.local.patches_per_sample is not None and cfg.local.patches_per_sample < 1:
         raise ConfigError(f"local.patches_per_sample must be positive or null, got {cfg.local.patches_per_sample}")
+    if not 0.0 <= cfg.local.scale < 1.0:
+        raise ConfigError(f"local.scale must lie in [0, 1), got {cfg.local.scale}")
     for key in ("local.offset_mm", "local.rotate_deg"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key} must not be negative, got {OmegaConf.select(cfg, key)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from monai.data import MetaTensor
 
@@ -50,13 +51,18 @@ def _blob_volume(points_voxel, shape=(40, 40, 40), sigma=1.5):
     return MetaTensor(image[None].float(), affine=AFFINE.clone())
 
 
-def test_local_patches_put_each_landmark_target_on_its_feature():
+@pytest.mark.parametrize("scale", [0.0, 0.3])
+def test_local_patches_put_each_landmark_target_on_its_feature(scale):
     voxels = torch.tensor([[12.3, 15.6, 20.2], [27.1, 24.4, 18.9]], dtype=torch.float64)
     world = voxel_to_world(voxels, AFFINE)
     world = torch.cat([world, torch.full((1, 3), torch.nan, dtype=torch.float64)])  # a third, absent landmark
-    transform = LocalPatchesd("source", "points", [0.8, 0.8, 0.8], (16, 16, 16), 1.0, offset_mm=3.0, rotate_deg=20)
+    transform = LocalPatchesd(
+        "source", "points", [0.8, 0.8, 0.8], (16, 16, 16), 1.0, offset_mm=3.0, rotate_deg=20, scale=scale
+    )
     transform.set_random_state(3)
     out = transform({"source": _blob_volume(voxels), "points": world})
+    steps = torch.linalg.vector_norm(out["local_affine"][:, :3, :3], dim=1)  # (K, 3) mm per patch voxel
+    assert ((steps - 0.8).abs().max() > 0.05) == (scale > 0) and (steps - 0.8).abs().max() <= 0.8 * scale + 1e-9
     assert out["local_image"].shape == (3, 1, 16, 16, 16) and out["local_heatmap"].shape == (3, 3, 16, 16, 16)
     assert out["local_mask"][:, 2].sum() == 0 and out["local_mask"][0, 0] and out["local_mask"][1, 1]
     # in each landmark's own patch, the image's brightest point and the target's peak coincide in world mm

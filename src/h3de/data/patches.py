@@ -35,7 +35,8 @@ def patch_affines(
         centres: (K, 3) world mm, the patches' centres.
         spacing: (3,) mm per patch voxel.
         size: (3,) voxels per patch side.
-        rotations: (K, 3, 3) rotations of the patch axes (default: RAS-aligned).
+        rotations: (K, 3, 3) rotations of the patch axes, or any linear maps (a rotation times a scale) (default:
+            RAS-aligned).
 
     Returns:
         (K, 4, 4) float64 affines; voxel ``(size - 1) / 2`` of patch k lies at ``centres[k]``.
@@ -155,7 +156,9 @@ class LocalPatchesd(Randomizable, MapTransform):
     """Training patches of the coarse-to-fine local stage, K per sample, with their heatmap targets.
 
     Each patch is centred on one landmark's true world position plus a uniform offset of up to ``offset_mm``
-    per axis, rotated by up to ``rotate_deg`` about each axis. With ``count`` None there is one patch per
+    per axis, rotated by up to ``rotate_deg`` about each axis, and, with ``scale`` > 0, its voxels stretched by a
+    factor in [1 - scale, 1 + scale] along each of its axes (the anatomy's size and proportions vary; the targets
+    follow exactly, through the patch affine). With ``count`` None there is one patch per
     landmark (K = L; an absent landmark's patch goes to a randomly chosen present one); otherwise K = ``count``
     patches go to present landmarks drawn without repetition while they last, which bounds the memory of
     many-landmark datasets (targets grow as K x L). The ``shared`` design supervises every landmark that falls
@@ -179,18 +182,25 @@ class LocalPatchesd(Randomizable, MapTransform):
         offset_mm: float,
         rotate_deg: float,
         count: int | None = None,
+        scale: float = 0.0,
     ) -> None:
         MapTransform.__init__(self, [source_key])
         self.source_key, self.points_key = source_key, points_key
         self.spacing, self.size = tuple(float(s) for s in spacing), tuple(int(s) for s in size)
         self.sigma, self.offset_mm, self.rotate_deg, self.count = sigma, offset_mm, rotate_deg, count
+        if not 0.0 <= scale < 1.0:
+            raise ValueError(f"scale must lie in [0, 1), got {scale}")
+        self.scale = scale
 
     def randomize(self, landmarks: int) -> None:
-        """Draw, for K patches of ``landmarks`` landmarks: offsets (mm), rotations, and an order of preference
-        among the landmarks (which ones get a patch, and which stand in for absent ones)."""
+        """Draw, for K patches of ``landmarks`` landmarks: offsets (mm), rotations and stretches, and an order of
+        preference among the landmarks (which ones get a patch, and which stand in for absent ones)."""
         count = self.count or landmarks
         self._offsets = torch.as_tensor(self.R.uniform(-self.offset_mm, self.offset_mm, (count, 3)))
         self._rotations = _random_rotations(self.R, count, self.rotate_deg) if self.rotate_deg > 0 else None
+        if self.scale > 0:  # drawn only when on, so that the other draws stay those of earlier versions
+            stretch = torch.diag_embed(torch.as_tensor(self.R.uniform(1 - self.scale, 1 + self.scale, (count, 3))))
+            self._rotations = stretch if self._rotations is None else self._rotations @ stretch
         self._order = torch.as_tensor(self.R.permutation(landmarks))
 
     def _targets(self, present: torch.Tensor) -> torch.Tensor:

@@ -135,6 +135,7 @@ def build_transforms(
                     local.offset_mm if train else 0.0,
                     local.rotate_deg if train and cfg.augment.enabled else 0.0,
                     local.patches_per_sample,
+                    local.scale if train and cfg.augment.enabled else 0.0,
                 ),
                 DeleteItemsd("source"),
             ]
