@@ -110,7 +110,7 @@ def run(experiment: str, seed: int, epochs: int | None, reuse: bool = False) -> 
 
 
 def axis_errors(predictions: Path) -> dict[str, list[float]]:
-X
+    """Per landmark, the mean absolute error (mm) along each RAS axis, from evaluate's errors.csv."""
     with predictions.open() as f:
         rows = [r for r in csv.DictReader(f) if r["present"] == "1" and r["called_present"] == "1"]
     out = {}
