@@ -163,7 +163,8 @@ def main() -> None:
         runs = [run(experiment, seed, args.epochs, args.reuse) for seed in range(int(seeds) if seeds else args.seeds)]
         row = {**runs[0], **{k: mean(runs, k) for k in KEYS}, "tests": [r["test"] for r in runs]}
         for part in ("landmarks", "axes"):  # seed means, per landmark
-            row[part] = {n: mean_of([r[part][n] for r in runs]) for n in runs[0][part]}
+            names = dict.fromkeys(n for r in runs for n in r[part])  # a seed may call a landmark absent everywhere
+            row[part] = {n: mean_of([r[part][n] for r in runs if n in r[part]]) for n in names}
         row["seed_sd"] = statistics.stdev(row["tests"]) if len(runs) > 1 else float("nan")
         rows.append(row)
         report(rows, args)
@@ -207,7 +208,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
         *[
             f"| {r['experiment']} | {worst} | " + " | ".join(f"{v:.2f}" for v in r["axes"][worst]) + " |"
             for r in rows
-            for worst in [max(r["landmarks"], key=r["landmarks"].get)]
+            for worst in [max(r["axes"], key=lambda n: r["landmarks"][n])]
         ],
         "",
         "The phantom's menton is the lowest point of the chin's arc at the midline. The smooth warp that makes each "
