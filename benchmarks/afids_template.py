@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from fine_accuracy import best_val, finished_run
+from fine_accuracy import best_val, trained_checkpoint
 from report import write_report
 
 from h3de.config import load_config
@@ -30,7 +29,6 @@ from h3de.data.afids import AFIDS_MIRRORED_PAIRS, template_baseline_errors
 from h3de.data.manifest import load_manifest
 from h3de.evaluate import evaluate
 from h3de.metrics import summarize_errors
-from h3de.train import train
 
 EXPERIMENT = "experiments/afids_template.yaml"
 SPLITS = ("val", "test")
@@ -64,13 +62,7 @@ def main() -> None:
         sys.exit(f"{manifest_path} is missing: run `make data-afids` first")
     manifest = load_manifest(manifest_path)
 
-    found = finished_run(cfg) if args.reuse else None
-    if found is not None:
-        best, minutes = found
-    else:
-        start = time.perf_counter()
-        best = train(cfg).best_checkpoint
-        minutes = (time.perf_counter() - start) / 60
+    best, minutes, reused = trained_checkpoint(cfg, args.reuse)
     # every landmark is present in every subject: all are scored (threshold 0), whatever the presence says
     model = {split: evaluate(best, split, presence_threshold=0.0).errors.numpy() for split in SPLITS}
     baseline = {split: template_baseline_errors(manifest, split) for split in SPLITS}
@@ -112,7 +104,7 @@ def main() -> None:
         f"Reproduce: `make data-afids && .venv/bin/python benchmarks/afids_template.py --seed {args.seed}"
         + (f" --epochs {args.epochs}" if args.epochs else "")
         + "`"
-        + (" (`--reuse`: a run finished earlier, evaluated with the current code)" if found is not None else ""),
+        + (" (`--reuse`: a run finished earlier, evaluated with the current code)" if reused else ""),
         "",
     ]
     write_report(__file__, lines)

@@ -73,13 +73,7 @@ def run(experiment: str, seed: int, epochs: int | None, reuse: bool = False) -> 
     overrides = ["logger=csv", "output_dir=runs/benchmarks", "trainer.enable_progress_bar=false", f"seed={seed}"]
     overrides += [f"trainer.max_epochs={epochs}"] if epochs else []
     cfg = load_config(experiment, overrides)
-    found = finished_run(cfg) if reuse else None
-    if found is not None:
-        best, minutes = found
-    else:
-        start = time.perf_counter()
-        best = train(cfg).best_checkpoint
-        minutes = (time.perf_counter() - start) / 60
+    best, minutes, _ = trained_checkpoint(cfg, reuse)
     evaluation = evaluate(best, "test")
     errors = evaluation.errors[~torch.isnan(evaluation.errors)]
     names = list(evaluation.summary["per_landmark_mre_mm"])
@@ -118,6 +112,17 @@ def axis_errors(predictions: Path) -> dict[str, list[float]]:
         mine = [r for r in rows if r["landmark"] == name]
         out[name] = [statistics.fmean(abs(float(r[f"pred_{a}"]) - float(r[f"gt_{a}"])) for r in mine) for a in "xyz"]
     return out
+
+
+def trained_checkpoint(cfg, reuse: bool) -> tuple[Path, float, bool]:
+    """(best checkpoint, training minutes, reused) of ``cfg``: the newest finished run when ``reuse`` finds one,
+    else a run trained now."""
+    found = finished_run(cfg) if reuse else None
+    if found is not None:
+        return *found, True
+    start = time.perf_counter()
+    best = train(cfg).best_checkpoint
+    return best, (time.perf_counter() - start) / 60, False
 
 
 def best_val(checkpoint: Path) -> float:
