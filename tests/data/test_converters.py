@@ -211,14 +211,20 @@ def test_mml_without_split_folders_is_an_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- AFIDs
+# Layout of the four AFIDs datasets (docs/datasets.md): the image keeps entities (acq, run) the fiducial
+# file's name leaves out; files are Slicer 4.10 ``.fcsv`` version 4.6, CoordinateSystem = 0 (RAS).
 
-AFIDS_AFFINE = np.array([[1.0, 0, 0, -20.0], [0, 1.0, 0, -20.0], [0, 0, 1.0, -20.0], [0, 0, 0, 1]])
-AFIDS = [(1, "AC", [0.0, 2.0, -1.0]), (2, "PC", [0.0, -8.0, -1.0]), (6, "R superior LMS", [6.0, -10.0, -5.0])]
+# permuted, flipped and anisotropic: axis 0 runs along -z, axis 1 along +x, axis 2 along +y
+AFIDS_AFFINE = np.array([[0, 0.9, 0, -20.0], [0, 0, 1.2, -25.0], [-1.5, 0, 0, 30.0], [0, 0, 0, 1]])
+AFIDS_SHAPE = (30, 44, 36)
+AFIDS_BRIGHT = (21, 29, 18)  # the voxel AC sits on
+AC = (AFIDS_AFFINE[:3, :3] @ AFIDS_BRIGHT + AFIDS_AFFINE[:3, 3]).tolist()  # (6.1, -3.4, -1.5) RAS
+AFIDS = [(1, "AC", AC), (2, "PC", [0.0, -8.0, -1.0]), (6, "R superior LMS", [6.0, -10.0, -5.0])]
 AFIDS += [(7, "L superior LMS", [-6.0, -10.0, -5.0])]
 
 
 def _fcsv(path: Path, rows, system: str = "0") -> None:
-    """An AFIDs fiducial file: the AFID number in ``label``, the name in ``desc``."""
+    """An AFIDs fiducial file as Slicer 4.10 wrote them: the AFID number in ``label``, the name in ``desc``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Markups fiducial file version = 4.6",
@@ -227,22 +233,31 @@ def _fcsv(path: Path, rows, system: str = "0") -> None:
     ]
     for number, name, (x, y, z) in rows:
         lines.append(
-            f"vtkMRMLMarkupsFiducialNode_{number},{x},{y},{z},0,0,0,1,1,1,1,{number},{name},vtkMRMLScalarVolumeNode1"
+            f"vtkMRMLMarkupsFiducialNode_{number},{x},{y},{z},0,0,0,1,1,1,0,{number},{name},vtkMRMLScalarVolumeNode1"
         )
     path.write_text("\n".join(lines) + "\n")
 
 
+def _t1w(path: Path) -> None:
+    volume = _volume(AFIDS_SHAPE).clip(0, 500)
+    volume[AFIDS_BRIGHT] = 3000
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(volume, AFIDS_AFFINE), path)
+
+
 @pytest.fixture
 def afids(tmp_path: Path) -> Path:
-    root = tmp_path / "ds004470"
+    root = tmp_path / "afids"
     truth = root / "derivatives" / "afids_groundtruth"
-    _nifti(root / "sub-C001" / "anat" / "sub-C001_T1w.nii.gz", AFIDS_AFFINE, (40, 40, 40))
-    _fcsv(truth / "sub-C001" / "anat" / "sub-C001_space-T1w_desc-groundtruth_afids.fcsv", AFIDS)
-    _nifti(root / "sub-C002" / "ses-01" / "anat" / "sub-C002_ses-01_T1w.nii.gz", AFIDS_AFFINE, (40, 40, 40))
-    lps = [(n, name, [-x, -y, z]) for n, name, (x, y, z) in AFIDS if name != "PC"]  # PC not placed
-    _fcsv(truth / "sub-C002" / "ses-01" / "anat" / "sub-C002_ses-01_space-T1w_desc-groundtruth_afids.fcsv", lps, "1")
-    rater = root / "derivatives" / "afids_rater" / "sub-C001" / "anat" / "sub-C001_space-T1w_desc-rater01_afids.fcsv"
-    _fcsv(rater, [(1, "AC", [50.0, 50.0, 50.0])])  # not the ground truth: ignored
+    # SNSX (ds004470): acq and run in both names
+    _t1w(root / "sub-C001" / "anat" / "sub-C001_acq-MP2RAGE_run-01_T1w.nii.gz")
+    _fcsv(truth / "sub-C001" / "anat" / "sub-C001_acq-MP2RAGE_run-01_space-T1w_desc-groundtruth_afids.fcsv", AFIDS)
+    # LHSCPD (ds004471): run only in the image's name; this file in LPS, PC not placed
+    _t1w(root / "sub-087" / "anat" / "sub-087_run-01_T1w.nii.gz")
+    lps = [(n, name, [-x, -y, z]) for n, name, (x, y, z) in AFIDS if name != "PC"]
+    _fcsv(truth / "sub-087" / "anat" / "sub-087_space-T1w_desc-groundtruth_afids.fcsv", lps, "1")
+    rater = root / "derivatives" / "afids_rater" / "sub-C001" / "anat"
+    _fcsv(rater / "sub-C001_acq-MP2RAGE_run-01_space-T1w_desc-rater01_afids.fcsv", [(1, "AC", [50.0, 50.0, 50.0])])
     _fcsv(truth / "sub-C003" / "anat" / "sub-C003_space-T1w_desc-groundtruth_afids.fcsv", AFIDS)  # no image
     _nifti(root / "derivatives" / "other" / "sub-C003" / "anat" / "sub-C003_T1w.nii.gz", AFIDS_AFFINE, (4, 4, 4))
     return root
@@ -253,17 +268,21 @@ def test_afids_names_come_from_desc_and_pairs_from_the_sides(afids, tmp_path):
     manifest = report.manifest
     assert manifest.landmark_names == ("AC", "PC", "R superior LMS", "L superior LMS")
     assert manifest.mirrored_pairs == (("L superior LMS", "R superior LMS"),)
-    assert sorted(c.id for c in manifest.cases) == ["sub-C001", "sub-C002_ses-01"]
+    assert sorted(c.id for c in manifest.cases) == ["sub-087", "sub-C001_acq-MP2RAGE_run-01"]
     assert sorted(c.split for c in manifest.cases) == ["train", "val"]
     expected = np.array([xyz for _, _, xyz in AFIDS])
-    np.testing.assert_allclose(_landmarks(manifest, "sub-C001"), expected)
-    second = _landmarks(manifest, "sub-C002_ses-01")  # LPS in the file: the same RAS points
+    np.testing.assert_allclose(_landmarks(manifest, "sub-C001_acq-MP2RAGE_run-01"), expected)
+    second = _landmarks(manifest, "sub-087")  # LPS in the file: the same RAS points
     np.testing.assert_allclose(np.delete(second, 1, axis=0), np.delete(expected, 1, axis=0))
     assert np.isnan(second[1]).all()
     assert [p.name for p in report.unpaired_landmarks] == ["sub-C003_space-T1w_desc-groundtruth_afids.fcsv"]
     assert any(line.startswith("landmark 'PC' is only in 1 of 2") for line in report.warnings)
     images = {c.id: c.image.resolve() for c in manifest.cases}
-    assert images["sub-C002_ses-01"] == (afids / "sub-C002/ses-01/anat/sub-C002_ses-01_T1w.nii.gz").resolve()
+    assert images["sub-087"] == (afids / "sub-087/anat/sub-087_run-01_T1w.nii.gz").resolve()
+    for case in manifest.cases:  # AC on its bright voxel through the oriented image, from RAS and LPS files
+        volume, header = read_volume(case.image)
+        voxel = np.rint(_voxel_of(manifest.read_case_landmarks(case)[0], header.affine)).astype(int)
+        assert tuple(voxel) == AFIDS_BRIGHT and volume[tuple(voxel)] == volume.max()
 
 
 def test_afids_without_ground_truth_is_an_error(tmp_path):
@@ -333,6 +352,31 @@ def test_verse_centroids_follow_the_direction_codes(verse, tmp_path):
     assert [p.name for p in report.unpaired_landmarks] == ["sub-gl999_seg-subreg_ctd.json"]
     assert any("labels [41]" in line for line in report.warnings)
     assert manifest.mirrored_pairs == ()
+
+
+@pytest.mark.parametrize(
+    "affine, direction, coordinates",
+    [
+        (PIR_AFFINE, ["P", "I", "R"], (17.0, 41.0, 9.0)),  # as VerSe ships: the image's own orientation
+        (RAS_AFFINE, ["R", "A", "S"], (17.0, 41.0, 9.0)),
+        (RAS_AFFINE, ["L", "P", "S"], (60 - 1 - 17.0, 50 - 1 - 41.0, 9.0)),  # another orientation: flipped grid
+        (RAS_AFFINE, ["A", "S", "L"], (41.0, 9.0, 60 - 1 - 17.0)),  # and permuted
+    ],
+)
+def test_verse_centroid_lands_on_its_voxel_through_the_image_h3de_reads(tmp_path, affine, direction, coordinates):
+    shape, bright = (60, 50, 12), (17, 41, 9)  # non-cubic; PIR_AFFINE's spacing is anisotropic (1, 1, 2)
+    volume = _volume(shape).clip(0, 500)
+    volume[bright] = 3000
+    image = tmp_path / "verse" / "rawdata" / "sub-verse500" / "sub-verse500_dir-ax_ct.nii.gz"
+    image.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(volume, affine), image)
+    ctd = tmp_path / "verse" / "derivatives" / "sub-verse500" / "sub-verse500_dir-ax_seg-subreg_ctd.json"
+    _ctd(ctd, direction, [(20, *coordinates)])
+    manifest = convert_verse(tmp_path / "verse", tmp_path / "out").manifest
+    case = manifest.cases[0]
+    data, header = read_volume(case.image)
+    voxel = np.rint(_voxel_of(manifest.read_case_landmarks(case)[0], header.affine)).astype(int)
+    assert tuple(voxel) == bright and data[bright] == data.max()
 
 
 def test_verse_without_direction_is_refused(verse, tmp_path):
