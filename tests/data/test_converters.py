@@ -393,3 +393,16 @@ def test_cli_convert(verse, tmp_path, capsys):
     assert "wrote" in printed and "splits drawn with seed 0" in printed
     assert main(["data", "convert", "verse", str(verse), "--out", str(tmp_path / "out")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("encoding", ["raw", "gzip", "bzip2", "ascii"])
+def test_mml_detached_header_reads_the_original_voxels_whatever_their_encoding(tmp_path, encoding):
+    folder = tmp_path / "mmld_dataset" / "test"
+    folder.mkdir(parents=True)
+    nrrd.write(str(folder / "0001_volume.nrrd"), _mml_volume(), {"encoding": encoding, "content": "CT"})
+    np.save(folder / "0001_label.npy", _mml_label())
+    np.save(folder / "0001_spacing.npy", np.asarray(MML_SPACING))
+    case = convert_mml(tmp_path, tmp_path / "out").manifest.cases[0]
+    volume, header = read_volume(case.image)
+    np.testing.assert_array_equal(volume, _mml_volume().astype(np.float32))
+    np.testing.assert_allclose(header.affine, np.diag([-0.4, -0.25, 1.5, 1.0]))
