@@ -3,7 +3,7 @@
 Search: grid → ``GridSampler``, random → ``RandomSampler``, bayes → ``TPESampler``; W&B's
 ``early_terminate: {type: hyperband}`` → ``HyperbandPruner`` on the metric reported after every validation.
 Workers share one study through an Optuna RDB storage URL (``sqlite:///sweep.db`` on one machine,
-``postgresql://user@host/db`` on a cluster): each worker is one ``h3de sweep`` process with the same
+``postgresql+psycopg://user@host/db`` on a cluster): each worker is one ``h3de sweep`` process with the same
 ``--storage`` and ``--study``; Optuna hands out the trials. ``--gpus 0,1`` starts one such worker per GPU,
 each seeing only its GPU (``CUDA_VISIBLE_DEVICES``). Each trial is an ordinary ``h3de train`` run (in the
 worker's process) in ``<output_dir>/<study>/trial_<number>/<name>/<timestamp>``, logged like any run
@@ -59,6 +59,8 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except Exception as e:  # sqlalchemy/driver errors of many classes
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "DB access module" in first and url.startswith("postgresql"):
+            first += " (PostgreSQL: pip install 'h3de[postgres]', the psycopg driver)"
         raise H3deError(f"--storage {_redacted(url)} cannot be reached: {first}") from None
 
 
