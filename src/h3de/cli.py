@@ -6,7 +6,7 @@ h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--batch-s
 h3de evaluate --pred DIR --truth DIR [--out DIR] [--radii 2,2.5,3,4] [--presence-threshold 0.5]
 h3de predict CHECKPOINT IMAGE_OR_FOLDER --out DIR [--format mrk.json|fcsv|csv|json] [--qc] [--truth PATH]
 h3de sweep SWEEP.yaml --storage URL [--study NAME] [--trials N] [--gpus 0,1,...]
-h3de compare RUN_DIR [RUN_DIR ...] [--out DIR]
+h3de compare RUN_DIR [RUN_DIR ...] [--out DIR] [--no-flops]
 h3de profile MODEL [MODEL ...] [--input D,H,W] [key=value ...]
 h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0] [--workers 1]
 h3de data import IMAGES LANDMARKS --out DIR [--split 0.7,0.15,0.15] [--seed 0] [--mirrored auto|none|A:B,...]
@@ -111,14 +111,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--study", default=None, help="study name (default: the file's name field, else its stem)")
     sweep.add_argument(
-        "--trials", type=int, default=None, help="trials this worker runs (each --gpus worker: that many); default: "
-        "until the grid or run_cap is used up, or forever for random/bayes without run_cap"
+        "--trials",
+        type=int,
+        default=None,
+        help="trials this worker runs (each --gpus worker: that many); default: "
+        "until the grid or run_cap is used up, or forever for random/bayes without run_cap",
     )
     sweep.add_argument("--gpus", default=None, metavar="ID,ID,...", help="one worker process per GPU id")
 
     compare = commands.add_parser("compare", help="table and val MRE curves of finished runs, from their folders")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by h3de train")
-    compare.add_argument("--out", default=None, help="folder for compare.md, compare.csv, val_mre.png (default: none)")
+    compare.add_argument("--out", default="compare", help="folder for compare.md, compare.csv, val_mre.png (./compare)")
+    compare.add_argument("--no-flops", action="store_true", help="skip the parameter and FLOP count (one forward pass)")
 
     profile = commands.add_parser("profile", help="parameters, FLOPs, time and peak memory of networks")
     profile.add_argument("args", nargs="+", metavar="ARG", help="one or more model names, then key=value overrides")
@@ -320,10 +324,9 @@ def _sweep(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from h3de.compare import compare
 
-    result = compare(args.run_dirs, args.out)
+    result = compare(args.run_dirs, args.out, flops=not args.no_flops)
     print(result.table)
-    if result.out_dir is not None:
-        print(f"written to {result.out_dir}")
+    print(f"written to {result.out_dir}: compare.md, compare.csv, val_mre.png")
 
 
 def _phantom(args: argparse.Namespace) -> None:

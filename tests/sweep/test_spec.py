@@ -97,7 +97,10 @@ def test_a_small_sweep_file_is_read(tmp_path):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"parameters": {"optim.learning_rate": {"values": [0.1]}}}, "parameter optim.learning_rate=0.1: .*invalid config key"),
+        (
+            {"parameters": {"optim.learning_rate": {"values": [0.1]}}},
+            "parameter optim.learning_rate=0.1: .*invalid config key",
+        ),
         ({"parameters": {"optim.lr": {"values": ["fast"]}}}, "parameter optim.lr='fast'"),
         ({"parameters": {"optim.name": {"values": ["adamw", "lion"]}}}, "optim.name='lion' is not one of"),
         ({"method": "hillclimb"}, "method 'hillclimb' is not one of grid, random, bayes"),

@@ -35,7 +35,9 @@ def write_sweep(blob_dataset: Path, tmp_path: Path, logger: str = "csv", epochs:
     """A sweep over the blob dataset: a grid of two learning rates by default."""
     experiment = tmp_path / "exp.yaml"
     experiment.write_text(
-        yaml.safe_dump({"name": "blobs", "data": {"root": str(blob_dataset.parent)}, "output_dir": str(tmp_path / "runs")})
+        yaml.safe_dump(
+            {"name": "blobs", "data": {"root": str(blob_dataset.parent)}, "output_dir": str(tmp_path / "runs")}
+        )
     )
     body = {
         "method": "grid",
@@ -108,17 +110,23 @@ def test_a_pruned_trial_is_recorded_as_pruned_with_its_run_dir(blob_dataset, tmp
 
 
 def test_hyperband_settings_map_to_optuna(blob_dataset, tmp_path):
-    spec = load_sweep(write_sweep(blob_dataset, tmp_path, early_terminate={"type": "hyperband", "min_iter": 2, "eta": 2}))
+    spec = load_sweep(
+        write_sweep(blob_dataset, tmp_path, early_terminate={"type": "hyperband", "min_iter": 2, "eta": 2})
+    )
     pruner = study._pruner(spec, max_epochs=40)
     assert isinstance(pruner, optuna.pruners.HyperbandPruner)
     assert (pruner._min_resource, pruner._max_resource, pruner._reduction_factor) == (2, 40, 2)
-    spec = load_sweep(write_sweep(blob_dataset, tmp_path, early_terminate={"type": "hyperband", "max_iter": 27, "s": 2}))
+    spec = load_sweep(
+        write_sweep(blob_dataset, tmp_path, early_terminate={"type": "hyperband", "max_iter": 27, "s": 2})
+    )
     pruner = study._pruner(spec, max_epochs=40)
     assert (pruner._min_resource, pruner._max_resource, pruner._reduction_factor) == (3, 27, 3)
     assert isinstance(study._pruner(load_sweep(write_sweep(blob_dataset, tmp_path)), 40), optuna.pruners.NopPruner)
 
 
-@pytest.mark.parametrize("method, sampler", [("grid", "GridSampler"), ("random", "RandomSampler"), ("bayes", "TPESampler")])
+@pytest.mark.parametrize(
+    "method, sampler", [("grid", "GridSampler"), ("random", "RandomSampler"), ("bayes", "TPESampler")]
+)
 def test_methods_map_to_optuna_samplers(blob_dataset, tmp_path, method, sampler):
     spec = load_sweep(write_sweep(blob_dataset, tmp_path, method=method))
     assert type(study._sampler(spec)).__name__ == sampler
@@ -127,7 +135,10 @@ def test_methods_map_to_optuna_samplers(blob_dataset, tmp_path, method, sampler)
 @pytest.mark.parametrize(
     "storage, message",
     [
-        ("postgresql+psycopg://h3de:secret@127.0.0.1:1/none", r"postgresql\+psycopg://h3de:\*\*\*@127.0.0.1:1/none cannot"),
+        (
+            "postgresql+psycopg://h3de:secret@127.0.0.1:1/none",
+            r"postgresql\+psycopg://h3de:\*\*\*@127.0.0.1:1/none cannot",
+        ),
         ("sqlite:////nonexistent/folder/sweep.db", "cannot be reached: .*unable to open database file"),
         ("nosuchdb://x", "cannot be reached"),
     ],

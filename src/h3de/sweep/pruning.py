@@ -31,7 +31,9 @@ class OptunaReport(Callback):
             return
         value = trainer.callback_metrics.get(self.metric)
         if value is None:
-            logged = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/") and k.count("/") == 1))
+            logged = ", ".join(
+                sorted(k for k in trainer.callback_metrics if k.startswith("val/") and k.count("/") == 1)
+            )
             raise ConfigError(f"sweep metric '{self.metric}' is not logged by validation (logged: {logged})")
         epoch = trainer.current_epoch + 1
         self.values.append(float(value))
