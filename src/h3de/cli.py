@@ -5,6 +5,8 @@ h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--batch-s
               [--presence-threshold 0.5]
 h3de evaluate --pred DIR --truth DIR [--out DIR] [--radii 2,2.5,3,4] [--presence-threshold 0.5]
 h3de predict CHECKPOINT IMAGE_OR_FOLDER --out DIR [--format mrk.json|fcsv|csv|json] [--qc] [--truth PATH]
+h3de sweep SWEEP.yaml --storage URL [--study NAME] [--trials N] [--gpus 0,1,...]
+h3de compare RUN_DIR [RUN_DIR ...] [--out DIR] [--no-flops]
 h3de profile MODEL [MODEL ...] [--input D,H,W] [key=value ...]
 h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0] [--workers 1]
 h3de data import IMAGES LANDMARKS --out DIR [--split 0.7,0.15,0.15] [--seed 0] [--mirrored auto|none|A:B,...]
@@ -95,6 +97,32 @@ def _parser() -> argparse.ArgumentParser:
         help="write a landmark as absent when its presence probability is below P (default 0.5)",
     )
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a W&B-format sweep file on Optuna, without a W&B server",
+        description="Run the trials of a sweep file (W&B's format, experiments/sweeps/) on Optuna: grid, random, "
+        "bayes (TPE), hyperband pruning from early_terminate. Workers on any machine that give the same --storage "
+        "and --study share one study.",
+    )
+    sweep.add_argument("sweep_file", metavar="SWEEP.yaml")
+    sweep.add_argument(
+        "--storage", required=True, metavar="URL", help="Optuna storage: sqlite:///sweep.db, postgresql://user@host/db"
+    )
+    sweep.add_argument("--study", default=None, help="study name (default: the file's name field, else its stem)")
+    sweep.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="trials this worker runs (each --gpus worker: that many); default: "
+        "until the grid or run_cap is used up, or forever for random/bayes without run_cap",
+    )
+    sweep.add_argument("--gpus", default=None, metavar="ID,ID,...", help="one worker process per GPU id")
+
+    compare = commands.add_parser("compare", help="table and val MRE curves of finished runs, from their folders")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by h3de train")
+    compare.add_argument("--out", default="compare", help="folder for compare.md, compare.csv, val_mre.png (./compare)")
+    compare.add_argument("--no-flops", action="store_true", help="skip the parameter and FLOP count (one forward pass)")
 
     profile = commands.add_parser("profile", help="parameters, FLOPs, time and peak memory of networks")
     profile.add_argument("args", nargs="+", metavar="ARG", help="one or more model names, then key=value overrides")
@@ -281,6 +309,26 @@ def _profile(args: argparse.Namespace) -> None:
     print(format_table(results))
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from h3de.sweep import sweep
+
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus is not None else None
+    if gpus is not None and not gpus:
+        raise H3deError(f"--gpus '{args.gpus}' names no GPU id (e.g. --gpus 0,1)")
+    result = sweep(args.sweep_file, args.storage, args.study, args.trials, gpus)
+    print(f"study {result.study}: {result.trials_run} trial(s) run; stopped: {result.stop_reason}")
+    if result.best_value is not None:
+        print(f"best so far: {result.best_value:.4g} with {json.dumps(result.best_params)} in {result.best_run_dir}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from h3de.compare import compare
+
+    result = compare(args.run_dirs, args.out, flops=not args.no_flops)
+    print(result.table)
+    print(f"written to {result.out_dir}: compare.md, compare.csv, val_mre.png")
+
+
 def _phantom(args: argparse.Namespace) -> None:
     from h3de.data.phantom import generate_phantom
 
@@ -363,7 +411,8 @@ def _print_report(report: ImportReport) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "profile": _profile, "data": _data}
+    handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "profile": _profile, "data": _data,
+               "sweep": _sweep, "compare": _compare}  # fmt: skip
     handler = handler[args.command]
     try:
         handler(args)

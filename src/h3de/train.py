@@ -6,11 +6,12 @@ import contextlib
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
 from h3de.config import save_config, to_container
@@ -56,8 +57,10 @@ def _remove_untrained_run_dir(run_dir: Path) -> None:
         run_dir.parent.rmdir()  # output_dir/name, when this run made it
 
 
-def train(cfg: DictConfig) -> TrainResult:
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train the experiment ``cfg`` (a resolved config from :func:`h3de.config.load_config`).
+
+    ``callbacks`` are added to the Trainer's own (e.g. a sweep's pruning callback).
 
     Everything that can fail on user input (manifest, images, landmark files, model arguments) is
     checked before the run directory is created. A user-input error raised while fitting, before the
@@ -88,7 +91,7 @@ def train(cfg: DictConfig) -> TrainResult:
         save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
-    callbacks = [checkpoint, last] + ([LearningRateMonitor("step")] if loggers else [])
+    callbacks = [checkpoint, last, *callbacks] + ([LearningRateMonitor("step")] if loggers else [])
     t = cfg.trainer
     trainer = L.Trainer(
         default_root_dir=run_dir,
