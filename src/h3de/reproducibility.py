@@ -53,7 +53,9 @@ class EpochSeeding(L.Callback):
         if loader is not None:
             set_rnd(loader.dataset, epoch_seed(self.seed, trainer.current_epoch, trainer.global_rank, 0))
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx == 0:
             seed = epoch_seed(self.seed, trainer.current_epoch, trainer.global_rank, 1)
             random.seed(seed)

@@ -138,8 +138,8 @@ def _check_same_run(saved: DictConfig, wanted: DictConfig, saved_path: Path) -> 
     budget = [k for k in _STEP_BUDGET if k in differences]
     if budget and saved.optim.scheduler == "cosine":
         raise ConfigError(
-            f"resume: {', '.join(budget)} cannot change with optim.scheduler=cosine: the schedule spans the step budget "
-            "fixed when the run started (trainer.max_time may change; or start a new run)"
+            f"resume: {', '.join(budget)} cannot change with optim.scheduler=cosine: the schedule spans the step "
+            "budget fixed when the run started (trainer.max_time may change; or start a new run)"
         )
 
 

@@ -107,12 +107,13 @@ def train(cfg: DictConfig, resume: ResumePoint | None = None) -> TrainResult:
 
 def _build_trainer(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None) -> tuple[L.Trainer, ModelCheckpoint]:
     """The Trainer writing into ``run_dir`` (config.yaml, run_info.json and the loggers' files are written here)."""
+    run_id = None  # W&B logs from rank 0 only
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         save_config(cfg, run_dir / "config.yaml")
         write_run_info(run_dir, resume and resume.describe())
-    run_id = wandb_run_id(run_dir) if cfg.logger.name == "wandb" else None
+        run_id = wandb_run_id(run_dir) if cfg.logger.name == "wandb" else None
     loggers = build_loggers(cfg.logger, run_dir, run_name=f"{cfg.name}-{run_dir.name}", run_id=run_id)
-    if resume is not None:
+    if resume is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         continue_csv_log(loggers, resume.global_step)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
