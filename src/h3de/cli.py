@@ -1,6 +1,6 @@
 """The ``h3de`` command: parses arguments and calls one function per stage.
 
-h3de train [EXPERIMENT.yaml] [key=value ...]
+h3de train [EXPERIMENT.yaml] [key=value ...] [resume=last|RUN_DIR|CKPT]
 h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--batch-size N] [--radii 2,2.5,3,4]
               [--presence-threshold 0.5]
 h3de evaluate --pred DIR --truth DIR [--out DIR] [--radii 2,2.5,3,4] [--presence-threshold 0.5]
@@ -34,7 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train an experiment")
-    train.add_argument("args", nargs="*", metavar="ARG", help="an experiment YAML first (optional), then key=value")
+    train.add_argument(
+        "args",
+        nargs="*",
+        metavar="ARG",
+        help="an experiment YAML first (optional), then key=value; resume=last (the experiment's newest run), "
+        "resume=RUN_DIR or resume=RUN_DIR/checkpoints/X.ckpt continues that run (only trainer.max_epochs, "
+        "max_steps, max_time and enable_progress_bar may change)",
+    )
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     evaluate = commands.add_parser(
@@ -181,15 +188,19 @@ def _train(args: argparse.Namespace) -> None:
     from omegaconf import OmegaConf
 
     from h3de.config import load_config
+    from h3de.resume import prepare_resume, split_resume
     from h3de.train import train
 
     items = list(args.args)
     path = items.pop(0) if items and "=" not in items[0] else None
-    cfg = load_config(path, items)
+    resume, items = split_resume(items)
+    cfg, point = prepare_resume(resume, path, items) if resume is not None else (load_config(path, items), None)
     if args.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return
-    result = train(cfg)
+    result = train(cfg, resume=point)
+    if point is not None and result.is_global_zero:
+        print(f"resumed from {point.checkpoint} (after epoch {point.epoch}, step {point.global_step})")
     if not result.is_global_zero:
         return
     print(f"run directory: {result.run_dir}")

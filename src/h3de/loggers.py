@@ -31,8 +31,9 @@ def wandb_mode(cfg: LoggerConfig) -> str:
     return "online" if _has_wandb_credentials() else "offline"
 
 
-def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str) -> list[Logger]:
-    """Loggers writing into ``run_dir``: logs/metrics.csv always (unless "none"), plus W&B for "wandb"."""
+def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, run_id: str | None = None) -> list[Logger]:
+    """Loggers writing into ``run_dir``: logs/metrics.csv always (unless "none"), plus W&B for "wandb" (run ``run_id``,
+    resumed if it exists)."""
     if cfg.name == "none":
         return []
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
@@ -40,6 +41,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str) -> list[Logge
         os.environ.setdefault("WANDB_SILENT", "true")
         wandb = WandbLogger(
             name=run_name,
+            id=run_id,
             project=cfg.project,
             entity=cfg.entity,
             group=cfg.group,
