@@ -13,10 +13,11 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
+from h3de.callbacks import WandbPanels
 from h3de.config import save_config, to_container
 from h3de.data.datamodule import LandmarkDataModule
 from h3de.errors import H3deError
-from h3de.loggers import build_loggers
+from h3de.loggers import build_loggers, resolve_logger
 from h3de.module import LandmarkModule
 from h3de.networks import network_spec
 
@@ -70,11 +71,12 @@ def train(cfg: DictConfig) -> TrainResult:
     )
     module = LandmarkModule(to_container(cfg), datamodule.landmark_names)
     datamodule.setup("fit")  # reads and checks every train and val image before anything is written
+    logger_cfg = resolve_logger(cfg, rank_zero=int(os.environ.get("LOCAL_RANK", "0")) == 0)  # W&B mode checked
 
     run_dir = make_run_dir(cfg)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         save_config(cfg, run_dir / "config.yaml")
-    loggers = build_loggers(cfg.logger, run_dir, run_name=f"{cfg.name}-{run_dir.name}")
+    loggers = build_loggers(logger_cfg, run_dir, run_name=f"{cfg.name}-{run_dir.name}")
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -89,6 +91,8 @@ def train(cfg: DictConfig) -> TrainResult:
         enable_version_counter=False,
     )
     callbacks = [checkpoint, last] + ([LearningRateMonitor("step")] if loggers else [])
+    if logger_cfg.name == "wandb":
+        callbacks.append(WandbPanels(cfg.sdr_radii_mm, logger_cfg.image_every_n_epochs, logger_cfg.log_checkpoint))
     t = cfg.trainer
     trainer = L.Trainer(
         default_root_dir=run_dir,
