@@ -32,7 +32,7 @@ FAST = [
 @pytest.fixture
 def offline_env(tmp_path, monkeypatch):
     """No W&B credentials, no WANDB_MODE: the default (auto) resolves to offline."""
-    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_SILENT", "WANDB_ERROR_REPORTING"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -169,6 +169,7 @@ def test_heatmaps_of_a_heatmap_network_peak_at_one():
     maps = heatmaps(module, {"image": image})
     assert maps.shape == (4, 16, 16, 16)
     assert np.allclose(maps.reshape(4, -1).max(1), 1.0) and maps.min() >= 0
+    assert np.allclose(heatmaps(module, {"image": image}, [2, 0]), maps[[2, 0]], atol=1e-6)
     module.cfg.detection.mode = "sliding_window"
     assert heatmaps(module, {"image": image}) is None
     assert math.isfinite(float(maps.sum()))

@@ -61,15 +61,17 @@ def landmark_rows(
     return ["landmark", *summary], rows
 
 
-def heatmaps(module: Any, sample: dict[str, Any]) -> np.ndarray | None:
-    """(L, X, Y, Z) maps in [0, 1] (each landmark's divided by its peak) of the global network over one prepared
-    val scan, or None where there is no whole-volume heatmap (anchor networks, sliding-window detection)."""
+def heatmaps(module: Any, sample: dict[str, Any], landmarks: Sequence[int] | None = None) -> np.ndarray | None:
+    """(K, X, Y, Z) maps in [0, 1] (each divided by its peak) of the global network over one prepared val scan, for
+    the ``landmarks`` indices (default all), or None where there is no whole-volume heatmap (anchor networks,
+    sliding-window detection)."""
     if not isinstance(module.readout, HeatmapReadout) or module.cfg.detection.mode == "sliding_window":
         return None
     image = sample["image"].as_tensor()[None].to(module.device, torch.float32)  # (1, 1, X, Y, Z)
     criterion = module.readout.criterion
     with torch.no_grad():
-        maps = criterion.decodable(module.network(image))[0].float()  # (L, X, Y, Z)
+        maps = criterion.decodable(module.network(image))[0]  # (L, X, Y, Z)
+    maps = (maps if landmarks is None else maps[list(landmarks)]).float()
     if maps.shape[1:] != image.shape[2:]:
         return None
     peak = maps.flatten(1).amax(1)[:, None, None, None]
@@ -130,14 +132,23 @@ class WandbPanels(Callback):
             return
         sample, found = batch[0], outputs[0]
         image = sample["image"]
-        self._case = {
+        truth, predicted = sample["landmarks_world"].double().cpu().numpy(), found.world.double().cpu().numpy()
+        error = np.linalg.norm(predicted - truth, axis=-1)  # NaN where absent
+        order = np.argsort(np.where(np.isfinite(error), -error, np.inf), kind="stable")[:PANEL_LANDMARKS]
+        self._case = {  # the landmarks with the largest errors first, truth-absent last
             "case_id": sample.get("case_id", ""),
             "volume": image.as_tensor()[0].float().cpu().numpy(),
             "affine": image.affine.double().cpu().numpy(),
-            "truth": sample["landmarks_world"].double().cpu().numpy(),
-            "predicted": found.world.double().cpu().numpy(),
-            "presence": found.presence.float().cpu().numpy(),
-            "heatmaps": heatmaps(pl_module, sample),
+            "names": [
+                f"{pl_module.landmark_names[i]} {error[i]:.1f} mm"
+                if np.isfinite(error[i])
+                else pl_module.landmark_names[i]
+                for i in order
+            ],
+            "truth": truth[order],
+            "predicted": predicted[order],
+            "presence": found.presence.float().cpu().numpy()[order],
+            "heatmaps": heatmaps(pl_module, sample, order.tolist()),
         }
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -159,30 +170,27 @@ class WandbPanels(Callback):
         payload["val/landmarks"] = wandb.Table(columns=columns, data=rows)
         if case is not None:
             payload["val/slices"] = wandb.Image(
-                self._panel(pl_module.landmark_names, case, trainer.current_epoch),
+                self._panel(case, trainer.current_epoch),
                 caption=f"{case['case_id']}, epoch {trainer.current_epoch}",
             )
         logger.log_metrics(payload, step=trainer.global_step)
 
     @staticmethod
-    def _panel(names: Sequence[str], case: dict[str, Any], epoch: int) -> np.ndarray:
-        """RGB image of the slices through the landmarks with the largest errors of ``case`` (truth-absent last)."""
+    def _panel(case: dict[str, Any], epoch: int) -> np.ndarray:
+        """RGB image of the slices through the landmarks of ``case``."""
         import matplotlib.pyplot as plt
 
         from h3de.plots import qc_figure
 
-        error = np.linalg.norm(case["predicted"] - case["truth"], axis=-1)  # NaN where absent
-        order = np.argsort(np.where(np.isfinite(error), -error, np.inf), kind="stable")[:PANEL_LANDMARKS]
-        maps = case["heatmaps"][order] if case["heatmaps"] is not None else None
         fig = qc_figure(
             case["volume"],
             case["affine"],
-            [f"{names[i]} {error[i]:.1f} mm" if np.isfinite(error[i]) else names[i] for i in order],
-            case["predicted"][order],
-            case["presence"][order],
-            case["truth"][order],
+            case["names"],
+            case["predicted"],
+            case["presence"],
+            case["truth"],
             title=f"{case['case_id']}, epoch {epoch}",
-            heatmap=maps,
+            heatmap=case["heatmaps"],
         )
         try:
             return _figure_rgb(fig)

@@ -149,6 +149,10 @@ class H3deWandbLogger(WandbLogger):
     ``key=value`` overrides and W&B sweep parameters use), W&B errors turned into one-line ConfigErrors, and
     the run finished when training ends."""
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._wandb_init.pop("anonymous", None)  # deprecated in wandb; Lightning passes it, wandb warns about it
+
     @property
     def experiment(self) -> Any:
         import wandb
