@@ -115,10 +115,11 @@ def test_offline_run_records_config_summary_curves_tables_slices_and_checkpoint(
     assert json.loads(artifact.metadata)["val/mre_mm"] == pytest.approx(min(mre), rel=1e-5)
 
 
-def test_csv_logger_has_no_panels(blob_dataset, tmp_path, offline_env):
+@pytest.mark.parametrize("logger", [["logger=csv"], ["logger=wandb", "logger.mode=disabled"]])
+def test_csv_logger_and_disabled_wandb_train_without_panels(blob_dataset, tmp_path, offline_env, logger):
     overrides = [f"data.root={blob_dataset.parent}", f"output_dir={tmp_path / 'runs'}", *FAST, "trainer.max_epochs=1"]
-    result = train(load_config(None, [*overrides, "logger=csv", "logger.image_every_n_epochs=1"]))
-    assert not (result.run_dir / "wandb").exists()
+    result = train(load_config(None, [*overrides, *logger, "logger.image_every_n_epochs=1"]))
+    assert not list((result.run_dir / "wandb").glob("*run-*"))
     assert len(_metrics_csv(result.run_dir)) == 1
 
 
