@@ -6,7 +6,7 @@ to benchmarks/fine_accuracy.md, with the training wall time and, as a trivial ba
 landmark at its mean training position.
 
     make data-fine
-    .venv/bin/python benchmarks/fine_accuracy.py [EXPERIMENT.yaml[:SEEDS] ...] [--seeds 3] [--epochs N]
+    .venv/bin/python benchmarks/fine_accuracy.py [EXPERIMENT.yaml[:SEEDS] ...] [--seeds 3] [--epochs N] [--report MD]
 
 ``EXPERIMENT.yaml:N`` trains that experiment with seeds 0..N-1 instead of ``--seeds``. The report is rewritten after
 each experiment, so an interrupted run keeps what it finished. ``--reuse`` evaluates the newest finished run of each
@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="train each experiment with seeds 0..N-1")
     parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
     parser.add_argument("--reuse", action="store_true", help="evaluate finished runs where they exist")
+    parser.add_argument("--report", default=None, help="write the table here instead of benchmarks/fine_accuracy.md")
     args = parser.parse_args()
     if not Path("data/phantom_1mm/dataset.json").is_file():
         sys.exit("data/phantom_1mm is missing: run `make data-fine` first")
@@ -223,6 +224,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
         f"Reproduce: `make data-fine && .venv/bin/python benchmarks/fine_accuracy.py {' '.join(args.experiments)}"
         + ("" if all(":" in e for e in args.experiments) else f" --seeds {args.seeds}")
         + (f" --epochs {args.epochs}" if args.epochs else "")
+        + (f" --report {args.report}" if args.report else "")
         + "`"
         + (
             " (`--reuse` evaluated the runs finished earlier with the current code, and trained the others)"
@@ -231,7 +233,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
         ),
         "",
     ]
-    write_report(__file__, lines)
+    write_report(__file__, lines, args.report)
 
 
 if __name__ == "__main__":

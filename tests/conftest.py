@@ -54,6 +54,11 @@ def write_blob_case(folder: Path, case_id: str, affine: np.ndarray, shape, voxel
 @pytest.fixture
 def blob_dataset(tmp_path: Path) -> Path:
     """Six blob cases (RAS, LPS, oblique, permuted affines), split 4/1/1; returns the manifest path."""
+    return write_blob_dataset(tmp_path)
+
+
+def write_blob_dataset(tmp_path: Path) -> Path:
+    """The blob_dataset fixture's data, written into ``tmp_path`` (for fixtures of a wider scope)."""
     rng = np.random.default_rng(0)
     shape = (28, 32, 20)
     cases = []

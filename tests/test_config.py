@@ -61,13 +61,16 @@ def test_bad_overrides_name_the_key(override, fragment):
         load_config(None, [override])
 
 
-def test_step_and_time_budgets():
+def test_step_and_time_budgets(tmp_path):
     cfg = load_config(None, ["trainer.max_time=01:12:00:00", "trainer.max_steps=500", "data.samples_per_epoch=250"])
     assert (cfg.trainer.max_time, cfg.trainer.max_steps, cfg.data.samples_per_epoch) == ("01:12:00:00", 500, 250)
     defaults = load_config()
     assert (defaults.trainer.max_time, defaults.trainer.max_steps, defaults.data.samples_per_epoch) == (None, -1, None)
-    with pytest.raises(ConfigError, match="trainer.max_time.*quote it"):  # YAML reads 1:12:00:00 as base 60
-        load_config(None, ["trainer.max_time=1:12:00:00"])
+    assert load_config(None, ["trainer.max_time=1:12:00:00"]).trainer.max_time == "1:12:00:00"  # text, as typed
+    path = tmp_path / "exp.yaml"
+    path.write_text("trainer:\n  max_time: 1:12:00:00\n")
+    with pytest.raises(ConfigError, match="trainer.max_time.*quote it"):  # YAML files read it as base 60
+        load_config(path)
 
 
 def test_intensity_settings():
@@ -137,3 +140,25 @@ def test_every_experiment_file_loads():
     for path in paths:
         cfg = load_config(path)
         assert cfg.name == path.stem  # each experiment names its runs after its file
+
+
+def test_string_keys_keep_the_text_given_on_the_command_line():
+    """YAML would read on/no/1e3 as True/False/1000.0; a key typed str (or list[str]) keeps the text."""
+    cfg = load_config(
+        None,
+        ["name=on", "logger.group=no", "logger.project=1e3", "logger.tags=[on,no,'x y']", "logger.entity=null"],
+    )
+    assert (cfg.name, cfg.logger.group, cfg.logger.project) == ("on", "no", "1e3")
+    assert list(cfg.logger.tags) == ["on", "no", "x y"] and cfg.logger.entity is None
+    assert load_config(None, ["trainer.max_time=00:01:00:00"]).trainer.max_time == "00:01:00:00"
+    numbers = load_config(None, ["optim.lr=1e3", "data.batch_size=6", "trainer.devices=2"])
+    assert (numbers.optim.lr, numbers.data.batch_size, numbers.trainer.devices) == (1000.0, 6, 2)
+    with pytest.raises(ConfigError, match="name"):
+        load_config(None, ["name=[a, b]"])
+
+
+def test_deterministic_takes_true_false_or_warn():
+    assert load_config(None, ["trainer.deterministic=warn"]).trainer.deterministic == "warn"
+    assert load_config(None, ["trainer.deterministic=true"]).trainer.deterministic is True
+    with pytest.raises(ConfigError, match="trainer.deterministic must be true, false or warn, got 'yes please'"):
+        load_config(None, ["trainer.deterministic=yes please"])

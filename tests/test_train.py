@@ -216,6 +216,7 @@ def test_last_checkpoint_is_the_last_epoch_and_best_the_best(blob_dataset, tmp_p
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
     assert _checkpoint_progress(checkpoints / "best.ckpt") == (0, 1)  # one step an epoch
     assert _checkpoint_progress(checkpoints / "last.ckpt") == (2, 3)
+    assert (checkpoints / "best.ckpt").read_bytes() != (checkpoints / "last.ckpt").read_bytes()
 
 
 def test_max_time_stops_the_run(blob_dataset, tmp_path):
@@ -223,3 +224,39 @@ def test_max_time_stops_the_run(blob_dataset, tmp_path):
     result = train(small_cfg(blob_dataset, tmp_path, *TINY, *overrides))
     epoch, step = _checkpoint_progress(result.run_dir / "checkpoints" / "last.ckpt")
     assert 1 <= step < 1000 and epoch == step - 1  # one step an epoch; stopped by the clock long before the epochs
+
+
+def test_batch_size_not_divisible_by_the_devices_is_refused_once_without_a_run_directory(
+    blob_dataset, tmp_path, capsys
+):
+    runs = tmp_path / "runs"
+    args = ["train", f"data.root={blob_dataset.parent}", f"output_dir={runs}", *SMALL, "logger=csv"]
+    args += ["data.batch_size=3", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("data.batch_size=3 is not divisible by the device count (2)") == 1
+    assert [p for p in runs.rglob("*")] == []  # the run directory was removed, nothing was launched
+
+
+def test_progress_bar_goes_to_stderr_and_stdout_holds_the_results(blob_dataset, tmp_path, capsys):
+    args = ["train", f"data.root={blob_dataset.parent}", f"output_dir={tmp_path / 'runs'}", *SMALL, *TINY]
+    assert main([*args, "trainer.enable_progress_bar=true", "trainer.max_epochs=1", "logger=none"]) == 0
+    captured = capsys.readouterr()
+    assert "Epoch 0: 100%" in captured.err
+    assert captured.out.startswith("run directory: ") and "Epoch" not in captured.out and "\r" not in captured.out
+
+
+def test_run_info_records_versions_and_the_git_commit(blob_dataset, tmp_path):
+    result = train(small_cfg(blob_dataset, tmp_path, *TINY, "trainer.fast_dev_run=true"))
+    (info,) = json.loads((result.run_dir / "run_info.json").read_text())["sessions"]
+    import lightning
+    import monai
+    import numpy
+
+    assert info["packages"]["torch"] == torch.__version__ and info["packages"]["monai"] == monai.__version__
+    assert (info["packages"]["lightning"], info["packages"]["numpy"]) == (lightning.__version__, numpy.__version__)
+    assert info["python"] == "{}.{}.{}".format(*sys.version_info[:3]) and info["packages"]["h3de"]
+    source = os.path.dirname(os.path.dirname(__file__))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True)
+    if head.returncode == 0:  # tests run from a git checkout
+        assert info["git"]["commit"] == head.stdout.strip() and isinstance(info["git"]["dirty"], bool)

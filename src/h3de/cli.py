@@ -1,10 +1,12 @@
 """The ``h3de`` command: parses arguments and calls one function per stage.
 
-h3de train [EXPERIMENT.yaml] [key=value ...]
+h3de train [EXPERIMENT.yaml] [key=value ...] [resume=last|RUN_DIR|CKPT]
 h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--batch-size N] [--radii 2,2.5,3,4]
               [--presence-threshold 0.5]
 h3de evaluate --pred DIR --truth DIR [--out DIR] [--radii 2,2.5,3,4] [--presence-threshold 0.5]
 h3de predict CHECKPOINT IMAGE_OR_FOLDER --out DIR [--format mrk.json|fcsv|csv|json] [--qc] [--truth PATH]
+h3de sweep SWEEP.yaml --storage URL [--study NAME] [--trials N] [--gpus 0,1,...]
+h3de compare RUN_DIR [RUN_DIR ...] [--out DIR] [--no-flops]
 h3de profile MODEL [MODEL ...] [--input D,H,W] [key=value ...]
 h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0] [--workers 1]
 h3de data import IMAGES LANDMARKS --out DIR [--split 0.7,0.15,0.15] [--seed 0] [--mirrored auto|none|A:B,...]
@@ -32,7 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train an experiment")
-    train.add_argument("args", nargs="*", metavar="ARG", help="an experiment YAML first (optional), then key=value")
+    train.add_argument(
+        "args",
+        nargs="*",
+        metavar="ARG",
+        help="an experiment YAML first (optional), then key=value; resume=last (the experiment's newest run), "
+        "resume=RUN_DIR or resume=RUN_DIR/checkpoints/X.ckpt continues that run (only trainer.max_epochs, "
+        "max_steps, max_time and enable_progress_bar may change)",
+    )
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     evaluate = commands.add_parser(
@@ -96,6 +105,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a W&B-format sweep file on Optuna, without a W&B server",
+        description="Run the trials of a sweep file (W&B's format, experiments/sweeps/) on Optuna: grid, random, "
+        "bayes (TPE), hyperband pruning from early_terminate. Workers on any machine that give the same --storage "
+        "and --study share one study.",
+    )
+    sweep.add_argument("sweep_file", metavar="SWEEP.yaml")
+    sweep.add_argument(
+        "--storage", required=True, metavar="URL", help="Optuna storage: sqlite:///sweep.db, postgresql://user@host/db"
+    )
+    sweep.add_argument("--study", default=None, help="study name (default: the file's name field, else its stem)")
+    sweep.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="trials this worker runs (each --gpus worker: that many); default: "
+        "until the grid or run_cap is used up, or forever for random/bayes without run_cap",
+    )
+    sweep.add_argument("--gpus", default=None, metavar="ID,ID,...", help="one worker process per GPU id")
+
+    compare = commands.add_parser("compare", help="table and val MRE curves of finished runs, from their folders")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by h3de train")
+    compare.add_argument("--out", default="compare", help="folder for compare.md, compare.csv, val_mre.png (./compare)")
+    compare.add_argument("--no-flops", action="store_true", help="skip the parameter and FLOP count (one forward pass)")
+
     profile = commands.add_parser("profile", help="parameters, FLOPs, time and peak memory of networks")
     profile.add_argument("args", nargs="+", metavar="ARG", help="one or more model names, then key=value overrides")
     profile.add_argument("--config", default=None, help="experiment YAML whose model section is used")
@@ -153,15 +188,19 @@ def _train(args: argparse.Namespace) -> None:
     from omegaconf import OmegaConf
 
     from h3de.config import load_config
+    from h3de.resume import prepare_resume, split_resume
     from h3de.train import train
 
     items = list(args.args)
     path = items.pop(0) if items and "=" not in items[0] else None
-    cfg = load_config(path, items)
+    resume, items = split_resume(items)
+    cfg, point = prepare_resume(resume, path, items) if resume is not None else (load_config(path, items), None)
     if args.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return
-    result = train(cfg)
+    result = train(cfg, resume=point)
+    if point is not None and result.is_global_zero:
+        print(f"resumed from {point.checkpoint} (after epoch {point.epoch}, step {point.global_step})")
     if not result.is_global_zero:
         return
     print(f"run directory: {result.run_dir}")
@@ -281,6 +320,26 @@ def _profile(args: argparse.Namespace) -> None:
     print(format_table(results))
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from h3de.sweep import sweep
+
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus is not None else None
+    if gpus is not None and not gpus:
+        raise H3deError(f"--gpus '{args.gpus}' names no GPU id (e.g. --gpus 0,1)")
+    result = sweep(args.sweep_file, args.storage, args.study, args.trials, gpus)
+    print(f"study {result.study}: {result.trials_run} trial(s) run; stopped: {result.stop_reason}")
+    if result.best_value is not None:
+        print(f"best so far: {result.best_value:.4g} with {json.dumps(result.best_params)} in {result.best_run_dir}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from h3de.compare import compare
+
+    result = compare(args.run_dirs, args.out, flops=not args.no_flops)
+    print(result.table)
+    print(f"written to {result.out_dir}: compare.md, compare.csv, val_mre.png")
+
+
 def _phantom(args: argparse.Namespace) -> None:
     from h3de.data.phantom import generate_phantom
 
@@ -363,7 +422,8 @@ def _print_report(report: ImportReport) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "profile": _profile, "data": _data}
+    handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "profile": _profile, "data": _data,
+               "sweep": _sweep, "compare": _compare}  # fmt: skip
     handler = handler[args.command]
     try:
         handler(args)

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.nodes import StringNode
 
 from h3de.errors import ConfigError
 from h3de.io_utils import atomic_write
@@ -243,7 +245,9 @@ class TrainerConfig:
     limit_train_batches: float = 1.0
     limit_val_batches: float = 1.0
     fast_dev_run: bool = False
-    deterministic: bool = False
+    # true: deterministic algorithms only (Lightning sets CUBLAS_WORKSPACE_CONFIG; an operation without a deterministic
+    # implementation is an error); "warn": the same, but such an operation only warns
+    deterministic: Any = False
     num_sanity_val_steps: int = 2
     enable_progress_bar: bool = True
 
@@ -354,13 +358,33 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if key in _NAMED_SECTIONS:
             item = f"{key}.name={value}"  # shorthand: logger=csv means logger.name=csv
         try:
-            dot = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as e:
+            dot = _string_override(cfg, item) or OmegaConf.from_dotlist([item])
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
             raise ConfigError(f"override '{item}': {_first_line(e)}") from None
         cfg = _merge(cfg, dot, f"override '{item}'")
     OmegaConf.set_struct(cfg, True)
     validate(cfg)
     return cfg
+
+
+def _string_override(cfg: DictConfig, item: str) -> DictConfig | None:
+    """``key=value`` for a key typed ``str`` or ``list[str]``, its value read as text (YAML would read ``on``, ``no``
+    and ``1e3`` as True, False and 1000.0); ``null`` is None where the key may be null. None for other keys."""
+    key, value = item.split("=", 1)
+    node: Any = cfg
+    for part in key.split("."):
+        node = node._get_node(part) if isinstance(node, DictConfig) and part in node else None
+    is_text = isinstance(node, StringNode)
+    if not is_text and not (isinstance(node, ListConfig) and node._metadata.element_type is str):
+        return None
+    parsed = yaml.load(value, Loader=yaml.BaseLoader) if value.strip() else value  # every scalar a string
+    if parsed in ("null", "~") and node._is_optional():
+        parsed = None
+    return OmegaConf.create(_nested(key.split("."), parsed))
+
+
+def _nested(parts: list[str], value: Any) -> dict:
+    return {parts[0]: _nested(parts[1:], value) if len(parts) > 1 else value}
 
 
 def config_from_dict(values: dict) -> DictConfig:
@@ -426,6 +450,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.cache_rate must lie in [0, 1], got {cfg.data.cache_rate}")
     if cfg.data.samples_per_epoch is not None and cfg.data.samples_per_epoch <= 0:
         raise ConfigError(f"data.samples_per_epoch must be positive or null, got {cfg.data.samples_per_epoch}")
+    if cfg.trainer.deterministic not in (True, False, "warn"):
+        raise ConfigError(f"trainer.deterministic must be true, false or warn, got {cfg.trainer.deterministic!r}")
     if cfg.trainer.max_steps == 0 or cfg.trainer.max_steps < -1:
         raise ConfigError(f"trainer.max_steps must be positive or -1 (no limit), got {cfg.trainer.max_steps}")
     max_time = cfg.trainer.max_time

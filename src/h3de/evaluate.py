@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from h3de.checkpoints import newest_run, read_checkpoint
 from h3de.config import ExperimentConfig, config_from_dict
 from h3de.data.datamodule import LandmarkDataModule
 from h3de.data.landmark_io import LANDMARK_SUFFIXES, read_landmarks, write_landmarks
@@ -32,7 +32,6 @@ from h3de.report import Scores, check_radii, score, write_report
 
 __all__ = ["EvaluationResult", "evaluate", "evaluate_files", "load_checkpoint", "resolve_checkpoint"]
 
-_RUN_NAME = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")  # train.make_run_dir: <timestamp>[-n]
 _PREDICT_OUTPUTS = ("predictions.csv", "summary.json")  # written by h3de predict beside the landmark files
 
 
@@ -64,25 +63,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise H3deError(f"{path}: a folder without checkpoints/best.ckpt (give a run directory or a .ckpt file)")
         return best
     if path.name == "latest":
-        runs = []
-        if path.parent.is_dir():
-            for run in path.parent.iterdir():
-                match = _RUN_NAME.fullmatch(run.name)
-                if match and (run / "checkpoints" / "best.ckpt").is_file():
-                    runs.append(((match[1], int(match[2] or 0)), run))
-        if not runs:
+        run = newest_run(path.parent, "checkpoints/best.ckpt")
+        if run is None:
             raise H3deError(f"{path}: no run in {path.parent} has a checkpoints/best.ckpt")
-        return max(runs)[1] / "checkpoints" / "best.ckpt"
+        return run / "checkpoints" / "best.ckpt"
     raise H3deError(f"checkpoint not found: {path}")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LandmarkModule:
-    """Rebuild a :class:`LandmarkModule` from a checkpoint file alone (loaded with ``weights_only``)."""
+    """Rebuild a :class:`LandmarkModule` from a checkpoint file alone (:func:`h3de.checkpoints.read_checkpoint`:
+    ``weights_only``; a truncated file is named as such)."""
     path = Path(path)
-    if not path.is_file():
-        raise H3deError(f"checkpoint not found: {path}")
+    ckpt = read_checkpoint(path, map_location)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
         hparams = ckpt["hyper_parameters"]
         module = LandmarkModule(hparams["config"], hparams["landmark_names"])
         if module.local_network is not None and not any(k.startswith("local_network.") for k in ckpt["state_dict"]):

@@ -176,8 +176,9 @@ class H3deWandbLogger(WandbLogger):
             self._experiment = None
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
-    """Loggers writing into ``run_dir``: logs/metrics.csv always (unless "none"), plus W&B for "wandb".
+def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str, run_id: str | None = None) -> list[Logger]:
+    """Loggers writing into ``run_dir``: logs/metrics.csv always (unless "none"), plus W&B for "wandb" (run ``run_id``,
+    resumed if it exists).
 
     ``cfg`` is the logger section from :func:`resolve_logger` (its mode settled).
     """
@@ -191,6 +192,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]
         _quiet_wandb(offline=mode != "online")
         wandb = H3deWandbLogger(
             name=run_name,
+            id=run_id,
             project=cfg.project,
             entity=cfg.entity,
             group=cfg.group,

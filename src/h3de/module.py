@@ -63,6 +63,7 @@ class LandmarkModule(L.LightningModule):
         self.val_errors = LandmarkErrors(radii)
         self.test_errors = LandmarkErrors(radii)
         self.val_mre_best = MinMetric()
+        self._resumed_val_mre_best: torch.Tensor | None = None  # from a resumed run's checkpoint
         self.val_presence = PresenceScores(0.5)
         self.val_errors_mm: torch.Tensor | None = None  # (N, L) mm of the last validation, NaN = absent
 
@@ -99,6 +100,14 @@ class LandmarkModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.val_errors.reset()
         self.val_mre_best.reset()
+        if self._resumed_val_mre_best is not None and torch.isfinite(self._resumed_val_mre_best):
+            self.val_mre_best.update(self._resumed_val_mre_best.to(self.device))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["val_mre_best"] = self.val_mre_best.min_value.detach().cpu()  # torchmetrics states are not saved
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_val_mre_best = checkpoint.get("val_mre_best")  # resuming: the best so far continues
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, world = self.model_step(batch)

@@ -6,20 +6,26 @@ import contextlib
 import os
 import shutil
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
 from h3de.callbacks import WandbPanels
+from h3de.checkpoints import AtomicCheckpointIO
 from h3de.config import save_config, to_container
-from h3de.data.datamodule import LandmarkDataModule
+from h3de.data.datamodule import LandmarkDataModule, per_device_batch_size
 from h3de.errors import H3deError
 from h3de.loggers import build_loggers, resolve_logger
 from h3de.module import LandmarkModule
 from h3de.networks import network_spec
+from h3de.progress import StderrProgressBar
+from h3de.reproducibility import EpochSeeding, write_run_info
+from h3de.resume import ResumePoint, continue_csv_log, wandb_run_id
 
 __all__ = ["TrainResult", "train", "make_run_dir"]
 
@@ -57,12 +63,16 @@ def _remove_untrained_run_dir(run_dir: Path) -> None:
         run_dir.parent.rmdir()  # output_dir/name, when this run made it
 
 
-def train(cfg: DictConfig) -> TrainResult:
+def train(cfg: DictConfig, resume: ResumePoint | None = None, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train the experiment ``cfg`` (a resolved config from :func:`h3de.config.load_config`).
 
+    ``callbacks`` are added to the Trainer's own (e.g. a sweep's pruning callback).
+
     Everything that can fail on user input (manifest, images, landmark files, model arguments) is
-    checked before the run directory is created. A user-input error raised while fitting, before the
-    first optimiser step, removes the run directory again.
+    checked before the run directory is created. A user-input error raised before the first optimiser
+    step removes the run directory again.
+
+    With ``resume`` (:func:`h3de.resume.prepare_resume`), the run continues in its own directory from its checkpoint.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     heatmaps = network_spec(cfg.model.name).output == "heatmap"
@@ -71,12 +81,48 @@ def train(cfg: DictConfig) -> TrainResult:
     )
     module = LandmarkModule(to_container(cfg), datamodule.landmark_names)
     datamodule.setup("fit")  # reads and checks every train and val image before anything is written
+    if resume is not None:
+        resume.check_landmarks(datamodule.landmark_names)
+        os.environ[_RUN_DIR_ENV] = str(resume.run_dir)
     logger_cfg = resolve_logger(cfg, rank_zero=int(os.environ.get("LOCAL_RANK", "0")) == 0)  # W&B mode checked
 
-    run_dir = make_run_dir(cfg)
+    run_dir = make_run_dir(cfg) if resume is None else resume.run_dir
+    try:
+        trainer, checkpoint = _build_trainer(cfg, logger_cfg, run_dir, resume, callbacks)
+    except BaseException:  # nothing trained yet: leave no run directory behind
+        if resume is None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            _remove_untrained_run_dir(run_dir)
+        raise
+    try:
+        with warnings.catch_warnings():
+            if resume is not None:  # the run's own checkpoints, overwritten as the run goes on
+                warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume and resume.checkpoint, weights_only=True)
+    except H3deError:
+        if resume is None and trainer.is_global_zero and trainer.global_step == 0:
+            _remove_untrained_run_dir(run_dir)
+        raise
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    score = checkpoint.best_model_score
+    spread = datamodule.mean_position_baseline_mm("val")
+    score = float(score) if score is not None else None
+    return TrainResult(run_dir, best, score, spread, trainer.is_global_zero, metrics)
+
+
+def _build_trainer(
+    cfg: DictConfig, logger_cfg: DictConfig, run_dir: Path, resume: ResumePoint | None, extra: Sequence[Callback] = ()
+) -> tuple[L.Trainer, ModelCheckpoint]:
+    """The Trainer writing into ``run_dir`` (config.yaml, run_info.json and the loggers' files are written here);
+    ``logger_cfg`` is the logger section from :func:`h3de.loggers.resolve_logger`."""
+    run_id = None  # W&B logs from rank 0 only
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         save_config(cfg, run_dir / "config.yaml")
-    loggers = build_loggers(logger_cfg, run_dir, run_name=f"{cfg.name}-{run_dir.name}")
+        write_run_info(run_dir, resume and resume.describe())
+        run_id = wandb_run_id(run_dir) if cfg.logger.name == "wandb" else None
+    loggers = build_loggers(logger_cfg, run_dir, run_name=f"{cfg.name}-{run_dir.name}", run_id=run_id)
+    if resume is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        continue_csv_log(loggers, resume.global_step)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -90,7 +136,8 @@ def train(cfg: DictConfig) -> TrainResult:
         save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
-    callbacks = [checkpoint, last] + ([LearningRateMonitor("step")] if loggers else [])
+    callbacks = [checkpoint, last, EpochSeeding(cfg.seed), *extra] + ([LearningRateMonitor("step")] if loggers else [])
+    callbacks += [StderrProgressBar()] if cfg.trainer.enable_progress_bar else []
     if logger_cfg.name == "wandb":
         callbacks.append(WandbPanels(cfg.sdr_radii_mm, logger_cfg.image_every_n_epochs, logger_cfg.log_checkpoint))
     t = cfg.trainer
@@ -117,16 +164,7 @@ def train(cfg: DictConfig) -> TrainResult:
         num_sanity_val_steps=t.num_sanity_val_steps,
         enable_progress_bar=t.enable_progress_bar,
         enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
     )
-    try:
-        trainer.fit(module, datamodule=datamodule)
-    except H3deError:
-        if trainer.is_global_zero and trainer.global_step == 0:
-            _remove_untrained_run_dir(run_dir)
-        raise
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
-    score = checkpoint.best_model_score
-    spread = datamodule.mean_position_baseline_mm("val")
-    score = float(score) if score is not None else None
-    return TrainResult(run_dir, best, score, spread, trainer.is_global_zero, metrics)
+    per_device_batch_size(cfg.data.batch_size, trainer.world_size)  # refused here once, not by every process
+    return trainer, checkpoint

@@ -310,3 +310,37 @@ def test_caller_mistakes_are_value_errors(tmp_path):
         write_landmarks(tmp_path / "a.csv", ["p", "p"], np.zeros((2, 3)))
     with pytest.raises(DataError, match="unsupported landmark file type"):
         write_landmarks(tmp_path / "a.npy", ["p"], np.zeros((1, 3)))  # voxel files are read only
+
+
+# --- Slicer files holding several markups ---
+
+
+def _point_list(name: str, system: str, points: dict, kind: str = "Fiducial") -> dict:
+    controls = [{"label": label, "position": list(xyz)} for label, xyz in points.items()]
+    return {"type": kind, "name": name, "coordinateSystem": system, "controlPoints": controls}
+
+
+def test_markups_of_several_point_lists_are_merged_in_file_order_each_in_its_own_system(tmp_path):
+    doc = {
+        "markups": [
+            _point_list("skull", "RAS", {"nasion": (1.0, 2.0, 3.0)}),
+            _point_list("ruler", "RAS", {"L-1": (9.0, 9.0, 9.0), "L-2": (8.0, 8.0, 8.0)}, kind="Line"),
+            _point_list("jaw", "LPS", {"menton": (4.0, 5.0, 6.0), "gonion_L": (-7.0, 8.0, 9.0)}),
+        ]
+    }
+    names, positions = read_text(tmp_path, "a.mrk.json", json.dumps(doc))
+    assert names == ["nasion", "menton", "gonion_L"]  # the Line's handles are not landmarks
+    np.testing.assert_array_equal(positions, [[1.0, 2.0, 3.0], [-4.0, -5.0, 6.0], [7.0, -8.0, 9.0]])
+
+
+def test_markups_name_in_two_point_lists_or_no_point_list_is_refused(tmp_path):
+    twice = {"markups": [_point_list("a", "RAS", {"p": (1, 2, 3)}), _point_list("b", "LPS", {"p": (1, 2, 3)})]}
+    with pytest.raises(
+        DataError, match=r"a.mrk.json: landmark 'p' is in two point lists \(markup 1 'a' and markup 2 'b'\)"
+    ):
+        read_text(tmp_path, "a.mrk.json", json.dumps(twice))
+    lines = {"markups": [_point_list("r", "RAS", {"L-1": (1, 2, 3)}, kind="Line"), {"type": "ROI"}]}
+    with pytest.raises(
+        DataError, match=r"b.mrk.json: no point list \(markup of type 'Fiducial'\) among its markups \(Line, ROI\)"
+    ):
+        read_text(tmp_path, "b.mrk.json", json.dumps(lines))

@@ -25,7 +25,14 @@ from h3de.data.manifest import Case, Manifest, load_manifest
 from h3de.data.pipelines import build_inference_transforms, build_transforms
 from h3de.errors import DataError, DataWarning, root_cause
 
-__all__ = ["LandmarkDataModule", "EpochSampler", "check_case", "list_of_samples"]
+__all__ = ["LandmarkDataModule", "EpochSampler", "check_case", "list_of_samples", "per_device_batch_size"]
+
+
+def per_device_batch_size(batch_size: int, world_size: int) -> int:
+    """``data.batch_size`` (the global batch) split over ``world_size`` processes; a remainder is refused."""
+    if batch_size % world_size:
+        raise DataError(f"data.batch_size={batch_size} is not divisible by the device count ({world_size})")
+    return batch_size // world_size
 
 
 def list_of_samples(samples: list[dict]) -> list[dict]:
@@ -195,11 +202,7 @@ class LandmarkDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
-            world = self.trainer.world_size
-            if self.cfg.batch_size % world:
-                batch = self.cfg.batch_size
-                raise DataError(f"data.batch_size={batch} is not divisible by the device count ({world})")
-            self.batch_size_per_device = self.cfg.batch_size // world
+            self.batch_size_per_device = per_device_batch_size(self.cfg.batch_size, self.trainer.world_size)
         wanted = {
             "fit": (("train", True), ("val", False)),
             "validate": (("val", False),),
@@ -237,8 +240,9 @@ class LandmarkDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, augmented: bool) -> DataLoader:
         """Batches of ``batch_size_per_device``; shuffled loaders are the training ones.
 
-        A training loader draws ``cfg.samples_per_epoch`` samples an epoch through :class:`EpochSampler` when that is
-        set. The random transforms are seeded per process rank here (no workers) or per worker at its start.
+        A training loader draws ``cfg.samples_per_epoch`` samples an epoch (default: one pass over the split) through
+        :class:`EpochSampler`, whose order depends on the seed and the epoch only (resumed runs continue it). The
+        random transforms are seeded per process rank here (no workers) or per worker at its start.
         """
         dataset = self._dataset(split, augmented)
         workers = self.cfg.num_workers
@@ -246,13 +250,12 @@ class LandmarkDataModule(L.LightningDataModule):
         if augmented:
             _seed_transforms(dataset, int(torch.randint(2**62, ()).item()), rank)
         sampler = None
-        if shuffle and self.cfg.samples_per_epoch is not None:
-            sampler = EpochSampler(len(dataset), self.cfg.samples_per_epoch, self.seed)
+        if shuffle:
+            sampler = EpochSampler(len(dataset), self.cfg.samples_per_epoch or len(dataset), self.seed)
         samples = len(sampler) if sampler is not None else len(dataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size_per_device,
-            shuffle=shuffle and sampler is None,
             sampler=sampler,
             drop_last=shuffle and samples >= self.batch_size_per_device,
             num_workers=workers,

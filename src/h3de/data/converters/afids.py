@@ -1,20 +1,24 @@
 """AFIDs: 32 anatomical fiducials of the brain on T1-weighted MRI, in BIDS layout (afids/afids-data).
 
-Layout of each AFIDs dataset (AFIDs-HCP, AFIDs-OASIS, LHSCPD = OpenNeuro ds004471, SNSX = ds004470)::
+Layout of each AFIDs dataset, as in the datasets' git trees (AFIDs-HCP, AFIDs-OASIS, LHSCPD = OpenNeuro
+ds004471, SNSX = ds004470; sources in ``docs/datasets.md``)::
 
-    sub-<id>/[ses-<s>/]anat/sub-<id>[_ses-<s>]..._T1w.nii.gz
-    derivatives/afids_groundtruth/sub-<id>/anat/sub-<id>_space-T1w_desc-groundtruth_afids.fcsv
-    derivatives/afids_rater/...desc-rater01_afids.fcsv          (the raters' own placements, not used)
+    sub-<id>/anat/sub-<id>[_acq-MP2RAGE][_run-01]_T1w.nii.gz
+    derivatives/afids_groundtruth/sub-<id>/anat/sub-<id>[_acq-MP2RAGE_run-01]_space-T1w_desc-groundtruth_afids.fcsv
+    derivatives/afids_rater/sub-<id>/anat/..._desc-rater01_afids.fcsv      (the raters' placements, not used)
 
-A fiducial file is a 3D Slicer ``.fcsv`` whose ``label`` column holds the AFID number (1-32) and ``desc``
-its name ("AC", "PC", "R superior LMS", ...). The landmark names come from ``desc`` (``label`` where
-``desc`` is empty); the positions from :func:`h3de.data.landmark_io.read_landmarks` (RAS or LPS per the
-file's ``CoordinateSystem``), row by row. Every ``*_desc-groundtruth_afids.fcsv`` under ``derivatives/`` is
-paired with the one ``*_T1w.nii[.gz]`` outside ``derivatives/`` whose BIDS entities (``sub``, and ``ses``,
-``acq``, ``run`` where the fiducial file names them) agree; the case id is those entities
-(``sub-C001``). Fiducial files with no or several such images are listed and skipped. Mirrored pairs are
+The fiducial file's name may leave out entities of its image's name (LHSCPD: ``sub-087_space-T1w_...``
+for ``sub-087_run-01_T1w.nii.gz``). A fiducial file is a 3D Slicer 4.10 ``.fcsv``, ``# Markups fiducial
+file version = 4.6``, ``# CoordinateSystem = 0`` (RAS mm), whose ``label`` column holds the AFID number
+(1-32) and ``desc`` its name ("AC", "PC", "R superior LMS", ...). The landmark names come from ``desc``
+(``label`` where ``desc`` is empty); the positions from :func:`h3de.data.landmark_io.read_landmarks` (RAS
+or LPS per the file's ``CoordinateSystem``), row by row. Every ``*_desc-groundtruth_afids.fcsv`` under
+``derivatives/`` is paired with the one ``*_T1w.nii[.gz]`` outside ``derivatives/`` whose BIDS entities
+(``sub``, and ``ses``, ``acq``, ``run`` where the fiducial file names them) agree; the case id is those
+entities (``sub-C001_acq-MP2RAGE_run-01``, ``sub-087``). Fiducial files with no or several such images
+are listed and skipped. The manifest lists the names in the files' (protocol) order. Mirrored pairs are
 detected from the names (``R ...``/``L ...``, :mod:`h3de.data.mirrored`). AFIDs ships no splits: they are
-drawn from the seed.
+drawn from the seed. ``SRC`` is one dataset's root (the folder holding ``sub-*/`` and ``derivatives/``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from h3de.data.importer import (
     check_output_folder,
     check_split_fractions,
     choose_mirrored_pairs,
-    landmark_union,
     name_disagreements,
     write_dataset,
 )
@@ -89,7 +92,7 @@ def convert_afids(
         cases.append(SourceCase(case_id, matches[0], read_header(matches[0]), names, positions, fcsv))
     if not cases:
         raise DataError(f"{root}: no ground-truth fiducial file has a T1w image ({len(fiducials)} fiducial files)")
-    names = landmark_union(cases)
+    names = _protocol_order(cases)
     pairs, mirrored_warnings = choose_mirrored_pairs("auto", names)
     cases, splits = assign_splits(cases, split_fractions, seed)
     description = f"AFIDs anatomical fiducials, converted by h3de data convert afids from {root}"
@@ -97,6 +100,19 @@ def convert_afids(
     manifest, written = write_dataset(out, cases, names, pairs, "afids", description, extra)
     warnings = name_disagreements(cases, names) + mirrored_warnings + warnings + written
     return ImportReport(manifest, tuple(warnings), (), tuple(unpaired), splits)
+
+
+def _protocol_order(cases: list[SourceCase]) -> tuple[str, ...]:
+    """All cases' landmark names in the files' row order.
+
+    AFIDs files list the fiducials in protocol order (labels 1-32) and leave out those not placed, so a
+    name's last row over all files is its rank in the protocol (ties keep the first-seen order).
+    """
+    rank: dict[str, int] = {}
+    for case in cases:
+        for row, name in enumerate(case.names):
+            rank[name] = max(rank.get(name, row), row)
+    return tuple(sorted(rank, key=rank.__getitem__))
 
 
 def _entities(stem: str) -> dict[str, str]:

@@ -1,0 +1,240 @@
+"""``h3de sweep`` end to end: a tiny grid on SQLite, pruning, bad storage, and two workers on a real PostgreSQL."""
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from h3de.cli import main
+from h3de.config import load_config
+from h3de.errors import ConfigError, H3deError
+from h3de.sweep import load_sweep, study
+from h3de.sweep.pruning import OptunaReport
+from h3de.train import train
+
+TINY = [
+    "data.patch_size=[32,32,32]",
+    "data.spacing_mm=[3,3,3]",
+    "data.batch_size=2",
+    "model.unet.channels=[8,16,32]",
+    "model.unet.strides=[2,2]",
+    "trainer.enable_progress_bar=false",
+    "trainer.num_sanity_val_steps=0",
+]
+
+
+def write_sweep(blob_dataset: Path, tmp_path: Path, logger: str = "csv", epochs: int = 2, **changes) -> Path:
+    """A sweep over the blob dataset: a grid of two learning rates by default."""
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(
+        yaml.safe_dump(
+            {"name": "blobs", "data": {"root": str(blob_dataset.parent)}, "output_dir": str(tmp_path / "runs")}
+        )
+    )
+    body = {
+        "method": "grid",
+        "metric": {"name": "val/mre_mm", "goal": "minimize"},
+        "parameters": {"optim.lr": {"values": [0.003, 0.01]}},
+        "command": ["${env}", "h3de", "train", str(experiment), *TINY, f"trainer.max_epochs={epochs}",
+                    f"logger={logger}", "logger.mode=offline", "${args_no_hyphens}"],
+    }  # fmt: skip
+    body.update(changes)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def val_mre(run_dir: Path) -> list[float]:
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return [float(r["val/mre_mm"]) for r in csv.DictReader(f) if r.get("val/mre_mm")]
+
+
+def test_tiny_grid_on_sqlite_end_to_end(blob_dataset, tmp_path, capsys):
+    path = write_sweep(blob_dataset, tmp_path, logger="wandb")
+    storage = f"sqlite:///{tmp_path / 'sweep.db'}"
+    assert main(["sweep", str(path), "--storage", storage, "--study", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "study tiny: 2 trial(s) run; stopped: all 2 grid points have been run or are running" in out
+    trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert sorted(t.params["optim.lr"] for t in trials) == [0.003, 0.01]
+    for trial in trials:
+        run_dir = Path(trial.user_attrs["run_dir"])  # a normal run directory, one per trial
+        assert run_dir.parent.parent == tmp_path / "runs" / "tiny" / f"trial_{trial.number:04d}"
+        assert load_config(run_dir / "config.yaml").optim.lr == trial.params["optim.lr"]
+        assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+        curve = val_mre(run_dir)
+        assert len(curve) == 2 and trial.value == pytest.approx(min(curve))  # the best epoch, as best.ckpt
+        assert trial.intermediate_values == pytest.approx({1: curve[0], 2: curve[1]})
+        offline = list((run_dir / "wandb").glob("offline-run-*"))  # also logged to W&B offline
+        assert len(offline) == 1
+    # the grid is used up: a further worker stops at once, without training
+    assert main(["sweep", str(path), "--storage", storage, "--study", "tiny"]) == 0
+    assert "0 trial(s) run; stopped: all 2 grid points" in capsys.readouterr().out
+    assert len(optuna.load_study(study_name="tiny", storage=storage).get_trials()) == 2
+
+
+def test_the_report_callback_stops_a_pruned_trial(blob_dataset, tmp_path):
+    cfg = load_config(None, [f"data.root={blob_dataset.parent}", f"output_dir={tmp_path}", *TINY,
+                             "trainer.max_epochs=3", "logger=csv"])  # fmt: skip
+    pruned = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))  # any MRE > 0 mm is pruned
+    trial = pruned.ask()
+    report = OptunaReport(trial, "val/mre_mm")
+    result = train(cfg, callbacks=[report])
+    assert report.pruned_at == 1 and len(val_mre(result.run_dir)) == 1  # stopped after the first epoch of three
+    assert trial.should_prune() and pruned.trials[0].intermediate_values == {1: pytest.approx(report.values[0])}
+
+    kept = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1e6))
+    report = OptunaReport(kept.ask(), "val/mre_mm")
+    result = train(cfg, callbacks=[report])
+    assert report.pruned_at is None and val_mre(result.run_dir) == pytest.approx(report.values)
+    assert len(report.values) == 3
+
+
+def test_a_pruned_trial_is_recorded_as_pruned_with_its_run_dir(blob_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "_pruner", lambda spec, max_epochs: optuna.pruners.ThresholdPruner(upper=0.0))
+    path = write_sweep(blob_dataset, tmp_path, parameters={"optim.lr": {"values": [0.003]}}, epochs=3)
+    result = study.sweep(path, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert result.trials_run == 1 and result.best_value is None  # nothing completed
+    (trial,) = optuna.load_study(study_name="sweep", storage=f"sqlite:///{tmp_path / 'db.sqlite'}").get_trials()
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert len(val_mre(Path(trial.user_attrs["run_dir"]))) == 1
+
+
+def test_hyperband_settings_map_to_optuna(blob_dataset, tmp_path):
+    spec = load_sweep(
+        write_sweep(blob_dataset, tmp_path, early_terminate={"type": "hyperband", "min_iter": 2, "eta": 2})
+    )
+    pruner = study._pruner(spec, max_epochs=40)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    assert (pruner._min_resource, pruner._max_resource, pruner._reduction_factor) == (2, 40, 2)
+    spec = load_sweep(
+        write_sweep(blob_dataset, tmp_path, early_terminate={"type": "hyperband", "max_iter": 27, "s": 2})
+    )
+    pruner = study._pruner(spec, max_epochs=40)
+    assert (pruner._min_resource, pruner._max_resource, pruner._reduction_factor) == (3, 27, 3)
+    assert isinstance(study._pruner(load_sweep(write_sweep(blob_dataset, tmp_path)), 40), optuna.pruners.NopPruner)
+
+
+@pytest.mark.parametrize(
+    "method, sampler", [("grid", "GridSampler"), ("random", "RandomSampler"), ("bayes", "TPESampler")]
+)
+def test_methods_map_to_optuna_samplers(blob_dataset, tmp_path, method, sampler):
+    spec = load_sweep(write_sweep(blob_dataset, tmp_path, method=method))
+    assert type(study._sampler(spec)).__name__ == sampler
+
+
+@pytest.mark.parametrize(
+    "storage, message",
+    [
+        (
+            "postgresql+psycopg://h3de:secret@127.0.0.1:1/none",
+            r"postgresql\+psycopg://h3de:\*\*\*@127.0.0.1:1/none cannot",
+        ),
+        ("sqlite:////nonexistent/folder/sweep.db", "cannot be reached: .*unable to open database file"),
+        ("nosuchdb://x", "cannot be reached"),
+    ],
+)
+def test_an_unreachable_storage_is_one_line_before_any_work(blob_dataset, tmp_path, capsys, storage, message):
+    path = write_sweep(blob_dataset, tmp_path)
+    assert main(["sweep", str(path), "--storage", storage]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "secret" not in err
+    with pytest.raises(H3deError, match=message):
+        study.sweep(path, storage)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_sweeps_are_refused_before_any_work(blob_dataset, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    with pytest.raises(ConfigError, match="parameter optim.learning_rate"):
+        study.sweep(write_sweep(blob_dataset, tmp_path, parameters={"optim.learning_rate": {"values": [0.1]}}), storage)
+    with pytest.raises(ConfigError, match="method 'hillclimb'"):
+        study.sweep(write_sweep(blob_dataset, tmp_path, method="hillclimb"), storage)
+    with pytest.raises(ConfigError, match="one device"):
+        study.sweep(write_sweep(blob_dataset, tmp_path, parameters={"trainer.devices": {"values": [1, 2]}}), storage)
+    with pytest.raises(H3deError, match="--trials must be a positive"):
+        study.sweep(write_sweep(blob_dataset, tmp_path), storage, trials=0)
+    # a study of another sweep file is not joined
+    study.open_study(load_sweep(write_sweep(blob_dataset, tmp_path)), study.open_storage(storage), "shared")
+    other = write_sweep(blob_dataset, tmp_path, parameters={"optim.lr": {"values": [0.1, 0.2]}})
+    with pytest.raises(ConfigError, match="study 'shared' was made from a different sweep file"):
+        study.sweep(other, storage, study="shared")
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- two worker processes (one per "GPU") sharing one study on a real PostgreSQL server -------------------------
+
+
+def _postgres_bin() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return candidates[-1].parent if candidates else None
+
+
+@pytest.fixture
+def postgres_url(tmp_path_factory):
+    """A PostgreSQL server in a temporary folder (as a non-root user), on a free local port; its URL."""
+    pytest.importorskip("psycopg", reason="psycopg (pip install 'h3de[postgres]') is needed to reach PostgreSQL")
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql")
+    user = {}
+    base = Path(tmp_path_factory.mktemp("pg"))
+    if os.geteuid() == 0:  # postgres refuses to run as root: use the package's user, else nobody
+        import pwd
+
+        for name in ("postgres", "nobody"):
+            try:
+                entry = pwd.getpwnam(name)
+            except KeyError:
+                continue
+            user = {"user": entry.pw_uid, "group": entry.pw_gid}
+            break
+        base = Path(f"/tmp/h3de-pg-{os.getpid()}")  # reachable by that user (pytest's tmp folders are 0700)
+        base.mkdir(mode=0o700)
+        os.chown(base, user["user"], user["group"])
+    data = base / "data"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = dict(cwd=base, check=True, capture_output=True, **user)
+    subprocess.run([bindir / "initdb", "-D", data, "-U", "h3de", "--auth=trust", "-E", "UTF8"], **run)
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1"
+    subprocess.run([bindir / "pg_ctl", "-D", data, "-o", options, "-l", base / "log", "-w", "start"], **run)
+    try:
+        yield f"postgresql+psycopg://h3de@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([bindir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"], **{**run, "check": False})
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_on_postgresql(blob_dataset, tmp_path, postgres_url, capsys):
+    grid = {"optim.lr": {"values": [0.003, 0.01]}, "optim.weight_decay": {"values": [0.0, 0.0001]}}
+    path = write_sweep(blob_dataset, tmp_path, parameters=grid, epochs=1)
+    # --gpus 0,1: two `h3de sweep` worker processes, each pinned to its id through CUDA_VISIBLE_DEVICES
+    assert main(["sweep", str(path), "--storage", postgres_url, "--study", "pg", "--gpus", "0,1"]) == 0
+    assert "study pg: 4 trial(s) run; stopped: all 2 workers finished" in capsys.readouterr().out
+    trials = optuna.load_study(study_name="pg", storage=postgres_url).get_trials()
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials) and len(trials) == 4
+    points = {(t.params["optim.lr"], t.params["optim.weight_decay"]) for t in trials}
+    assert points == {(a, b) for a in (0.003, 0.01) for b in (0.0, 0.0001)}  # each grid point once
+    assert {t.user_attrs["cuda_visible_devices"] for t in trials} == {"0", "1"}  # both workers took trials
+    assert len({t.user_attrs["pid"] for t in trials}) == 2 and os.getpid() not in {t.user_attrs["pid"] for t in trials}
+    assert len({t.user_attrs["run_dir"] for t in trials}) == 4
+    assert json.loads(json.dumps(trials[0].user_attrs["overrides"]))[-2:] == [
+        f"optim.lr={trials[0].params['optim.lr']}",
+        f"optim.weight_decay={trials[0].params['optim.weight_decay']}",
+    ]
+    assert sys.executable  # the workers ran `python -m h3de.cli sweep` with this interpreter
