@@ -44,6 +44,7 @@ def test_hand_computed_case_with_missing_landmarks():
     out = metric.compute()
     assert out["mre_mm"].item() == pytest.approx(2.1)
     assert torch.allclose(out["per_landmark"], torch.tensor([3.5, 1.75, 0.0], dtype=torch.float64))
+    assert torch.allclose(out["errors"], errors, equal_nan=True)  # every sample's errors, in update order
 
 
 def test_nothing_present_gives_nan():

@@ -262,6 +262,9 @@ class LoggerConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     mode: str = "auto"  # auto (online with credentials, else offline) | online | offline | disabled
+    connect_timeout_s: float = 10.0  # online: how long the W&B server may take to answer before the run starts
+    image_every_n_epochs: int = 5  # W&B: slices of a val case with landmarks and heatmap every N epochs (0 = never)
+    log_checkpoint: bool = False  # W&B: the best checkpoint as a model artifact at the end of training
 
 
 @dataclass
@@ -459,6 +462,12 @@ def validate(cfg: DictConfig) -> None:
         )
     if any(r <= 0 for r in cfg.sdr_radii_mm):
         raise ConfigError(f"sdr_radii_mm must be positive, got {list(cfg.sdr_radii_mm)}")
+    if cfg.logger.connect_timeout_s <= 0:
+        raise ConfigError(f"logger.connect_timeout_s must be positive, got {cfg.logger.connect_timeout_s}")
+    if cfg.logger.image_every_n_epochs < 0:
+        raise ConfigError(
+            f"logger.image_every_n_epochs must be 0 (never) or positive, got {cfg.logger.image_every_n_epochs}"
+        )
 
 
 def _validate_intensity(cfg: DictConfig) -> None:

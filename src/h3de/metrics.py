@@ -147,10 +147,12 @@ class LandmarkErrors(Metric):
         self.errors.append(radial_errors(predicted, target, present))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """Summary values plus ``per_landmark`` ((L,) MRE in mm, NaN for never-present landmarks)."""
+        """Summary values plus ``per_landmark`` ((L,) MRE in mm, NaN for never-present landmarks) and ``errors``
+        (the (N, L) errors in mm of every sample, over all processes; NaN = absent)."""
         errors = dim_zero_cat(self.errors)
         out = {k: torch.tensor(v, dtype=torch.float64) for k, v in summarize_errors(errors, self.radii_mm).items()}
         out["per_landmark"] = torch.nanmean(errors, dim=0)
+        out["errors"] = errors
         return out
 
 

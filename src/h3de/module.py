@@ -65,6 +65,7 @@ class LandmarkModule(L.LightningModule):
         self.val_mre_best = MinMetric()
         self._resumed_val_mre_best: torch.Tensor | None = None  # from a resumed run's checkpoint
         self.val_presence = PresenceScores(0.5)
+        self.val_errors_mm: torch.Tensor | None = None  # (N, L) mm of the last validation, NaN = absent
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) image -> the network's raw output (heatmaps, logits or anchor maps)."""
@@ -135,10 +136,11 @@ class LandmarkModule(L.LightningModule):
         metric.update(world.to(self.device), truth.to(self.device), present.to(self.device))
         return found
 
-    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[Detection]:
         found = self._score(batch, self.val_errors)
         scores = torch.stack([d.presence for d in found]).to(self.device)
         self.val_presence.update(scores, torch.stack([s["present"] for s in batch]).to(self.device))
+        return found  # for callbacks (h3de.callbacks draws one case)
 
     def on_validation_epoch_end(self) -> None:
         presence = self.val_presence.compute()
@@ -161,6 +163,9 @@ class LandmarkModule(L.LightningModule):
         values = metric.compute()
         metric.reset()
         per = values.pop("per_landmark")
+        errors = values.pop("errors")
+        if stage == "val":
+            self.val_errors_mm = errors.detach().cpu()  # for callbacks (h3de.callbacks: SDR curve, landmark table)
         values.pop("count")
         # values come from states already gathered over all processes: identical on every rank
         for key, value in values.items():

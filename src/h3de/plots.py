@@ -12,10 +12,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from h3de.io_utils import atomic_path  # noqa: E402
 
-__all__ = ["qc_slices", "cumulative_errors"]
+__all__ = ["qc_slices", "qc_figure", "cumulative_errors"]
 
 _VIEWS = (("sagittal", 0, (1, 2)), ("coronal", 1, (0, 2)), ("axial", 2, (0, 1)))  # name, fixed axis, shown axes
 
@@ -34,6 +35,27 @@ def qc_slices(
 
     Args:
         path: the PNG to write.
+        volume, affine, names, predicted, presence, truth, title: as :func:`qc_figure`.
+    """
+    fig = qc_figure(volume, affine, names, predicted, presence, truth, title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=72)
+    plt.close(fig)
+
+
+def qc_figure(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    names: list[str],
+    predicted: np.ndarray,
+    presence: np.ndarray,
+    truth: np.ndarray | None = None,
+    title: str = "",
+    heatmap: np.ndarray | None = None,
+) -> Figure:
+    """A figure with, per landmark, the sagittal, coronal and axial slices through its prediction.
+
+    Args:
         volume: (X, Y, Z) RAS-oriented volume (axes L->R, P->A, I->S).
         affine: (4, 4) its voxel-to-world matrix.
         names: L landmark names.
@@ -41,6 +63,11 @@ def qc_slices(
         presence: (L,) presence probabilities (in each row's title).
         truth: (L, 3) world mm of the ground truth (green x; NaN rows = absent), or None.
         title: the figure's title (e.g. the case id).
+        heatmap: (L, X, Y, Z) maps in [0, 1] on the volume's grid, or None; each row overlays its landmark's map
+            (yellow-red, more opaque where higher).
+
+    Returns:
+        The matplotlib figure (close it with ``plt.close``).
     """
     inverse = np.linalg.inv(affine)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -55,7 +82,11 @@ def qc_slices(
         for col, (view, fixed, (a, b)) in enumerate(_VIEWS):
             ax = axes[row, col]
             plane = np.take(volume, centre[fixed], axis=fixed)  # (shape[a], shape[b])
-            ax.imshow(plane.T, cmap="gray", origin="lower", vmin=low, vmax=high, aspect=spacing[b] / spacing[a])
+            aspect = spacing[b] / spacing[a]
+            ax.imshow(plane.T, cmap="gray", origin="lower", vmin=low, vmax=high, aspect=aspect)
+            if heatmap is not None:
+                heat = np.clip(np.take(heatmap[row], centre[fixed], axis=fixed), 0.0, 1.0).T
+                ax.imshow(heat, cmap="autumn_r", origin="lower", vmin=0, vmax=1, alpha=0.7 * heat, aspect=aspect)
             ax.plot(pred_vox[row, a], pred_vox[row, b], "r+", markersize=12, markeredgewidth=2)
             if truth_vox is not None and np.isfinite(truth_vox[row]).all():
                 ax.plot(truth_vox[row, a], truth_vox[row, b], "gx", markersize=10, markeredgewidth=2)
@@ -63,11 +94,10 @@ def qc_slices(
             ax.set_yticks([])
             ax.set_title(f"{name} ({presence[row]:.2f}): {view}" if col == 0 else view, fontsize=8)
     legend = "red +: predicted" + (", green x: ground truth, projected onto the slice" if truth is not None else "")
-    fig.suptitle(f"{title}  ({legend}; presence in brackets; R to the right)", fontsize=9)
+    legend += ", yellow-red: the landmark's heatmap" if heatmap is not None else ""
+    fig.suptitle(f"{title}\n{legend}; presence in brackets; R to the right", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / rows))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=72)
-    plt.close(fig)
+    return fig
 
 
 def cumulative_errors(path: str | os.PathLike, errors: np.ndarray, radii_mm: list[float], title: str = "") -> None:

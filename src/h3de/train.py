@@ -16,11 +16,12 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
+from h3de.callbacks import WandbPanels
 from h3de.checkpoints import AtomicCheckpointIO
 from h3de.config import save_config, to_container
 from h3de.data.datamodule import LandmarkDataModule, per_device_batch_size
 from h3de.errors import H3deError
-from h3de.loggers import build_loggers
+from h3de.loggers import build_loggers, resolve_logger
 from h3de.module import LandmarkModule
 from h3de.networks import network_spec
 from h3de.progress import StderrProgressBar
@@ -84,10 +85,11 @@ def train(cfg: DictConfig, resume: ResumePoint | None = None, callbacks: Sequenc
     if resume is not None:
         resume.check_landmarks(datamodule.landmark_names)
         os.environ[_RUN_DIR_ENV] = str(resume.run_dir)
+    logger_cfg = resolve_logger(cfg, rank_zero=int(os.environ.get("LOCAL_RANK", "0")) == 0)  # W&B mode checked
 
     run_dir = make_run_dir(cfg) if resume is None else resume.run_dir
     try:
-        trainer, checkpoint = _build_trainer(cfg, run_dir, resume, callbacks)
+        trainer, checkpoint = _build_trainer(cfg, logger_cfg, run_dir, resume, callbacks)
     except BaseException:  # nothing trained yet: leave no run directory behind
         if resume is None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             _remove_untrained_run_dir(run_dir)
@@ -119,15 +121,16 @@ def _finish_wandb(trainer: L.Trainer) -> None:
 
 
 def _build_trainer(
-    cfg: DictConfig, run_dir: Path, resume: ResumePoint | None, extra: Sequence[Callback] = ()
+    cfg: DictConfig, logger_cfg: DictConfig, run_dir: Path, resume: ResumePoint | None, extra: Sequence[Callback] = ()
 ) -> tuple[L.Trainer, ModelCheckpoint]:
-    """The Trainer writing into ``run_dir`` (config.yaml, run_info.json and the loggers' files are written here)."""
+    """The Trainer writing into ``run_dir`` (config.yaml, run_info.json and the loggers' files are written here);
+    ``logger_cfg`` is the logger section from :func:`h3de.loggers.resolve_logger`."""
     run_id = None  # W&B logs from rank 0 only
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         save_config(cfg, run_dir / "config.yaml")
         write_run_info(run_dir, resume and resume.describe())
         run_id = wandb_run_id(run_dir) if cfg.logger.name == "wandb" else None
-    loggers = build_loggers(cfg.logger, run_dir, run_name=f"{cfg.name}-{run_dir.name}", run_id=run_id)
+    loggers = build_loggers(logger_cfg, run_dir, run_name=f"{cfg.name}-{run_dir.name}", run_id=run_id)
     if resume is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         continue_csv_log(loggers, resume.global_step)
     checkpoint = ModelCheckpoint(
@@ -145,6 +148,8 @@ def _build_trainer(
     )
     callbacks = [checkpoint, last, EpochSeeding(cfg.seed), *extra] + ([LearningRateMonitor("step")] if loggers else [])
     callbacks += [StderrProgressBar()] if cfg.trainer.enable_progress_bar else []
+    if logger_cfg.name == "wandb":
+        callbacks.append(WandbPanels(cfg.sdr_radii_mm, logger_cfg.image_every_n_epochs, logger_cfg.log_checkpoint))
     t = cfg.trainer
     trainer = L.Trainer(
         default_root_dir=run_dir,
