@@ -13,7 +13,6 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from h3de.callbacks import WandbPanels
@@ -103,21 +102,12 @@ def train(cfg: DictConfig, resume: ResumePoint | None = None, callbacks: Sequenc
         if resume is None and trainer.is_global_zero and trainer.global_step == 0:
             _remove_untrained_run_dir(run_dir)
         raise
-    finally:
-        _finish_wandb(trainer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     score = checkpoint.best_model_score
     spread = datamodule.mean_position_baseline_mm("val")
     score = float(score) if score is not None else None
     return TrainResult(run_dir, best, score, spread, trainer.is_global_zero, metrics)
-
-
-def _finish_wandb(trainer: L.Trainer) -> None:
-    """End this run's W&B run, so that a later ``train`` in the same process (a sweep's trials) starts its own."""
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
 
 
 def _build_trainer(
