@@ -78,7 +78,7 @@ class ConvNormAct(nn.Sequential):
     def norm_act(self, y: torch.Tensor) -> torch.Tensor:
         """The norm and activation of the convolution's output ``y`` (in place when no gradient is recorded)."""
         norm, act = self[1], self[2]
-        if not isinstance(norm, nn.GroupNorm) or (torch.is_grad_enabled() and y.requires_grad):
+        if not isinstance(norm, nn.GroupNorm) or (torch.is_grad_enabled() and y.requires_grad) or not y.is_contiguous():
             return act(norm(y))
         y = _group_norm_(y, norm)
         return F.leaky_relu_(y, act.negative_slope) if isinstance(act, nn.LeakyReLU) else act(y)
