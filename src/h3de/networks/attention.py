@@ -126,7 +126,8 @@ def bi_level_routing_attention(
             f"q, k, v must share one (B, D, H, W, C) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     B, D, H, W, C = q.shape
-    num_regions = _check_triple("num_regions", num_regions)
+    if not is_tracing():  # (int() would fix a traced region count, which grows with the input for region_size)
+        num_regions = _check_triple("num_regions", num_regions)
     if D % num_regions[0] or H % num_regions[1] or W % num_regions[2]:
         raise ValueError(f"token grid {_fmt((D, H, W))} is not divisible by num_regions={_fmt(num_regions)}")
     if num_heads < 1 or C % num_heads:
@@ -142,7 +143,7 @@ def bi_level_routing_attention(
         if not is_tracing() and bool(valid.all()):
             valid = None  # nothing to mask: take the unmasked (faster) kernels
 
-    if topk == R:
+    if topk == R and not is_tracing():  # exported: R may grow with the input (region_size), so route
         # Every region routes to every region, so every query sees every key: dense attention.
         q_t, k_t, v_t = (t.reshape(B, N, num_heads, head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, e)
         mask = None if valid is None else valid.reshape(B, 1, 1, N)
