@@ -9,9 +9,10 @@ Each exported file is checked before the folder is written: it is run (onnxrunti
 TorchScript) against PyTorch on the same random input at two sizes, the training patch and an odd larger size at
 batch 2, and the largest absolute difference of the outputs is recorded (refused above ``1e-3 x max(1, |output|)``).
 
-ONNX uses ``torch.onnx.export(dynamo=False)``, the TorchScript-based exporter: torch 2.13's default dynamo exporter
-takes minutes for H3DE-Net and its graph fails in onnxruntime (benchmarks/export_speed.md says more). TorchScript
-uses ``torch.jit.trace``; sizes computed from input shapes are recorded in the graph, so it is dynamic too.
+ONNX uses ``torch.onnx.export(dynamo=False)``, the TorchScript-based exporter (deprecated, still in torch 2.13): the
+default dynamo exporter (it needs onnxscript) took minutes instead of seconds for the tiny H3DE-Net and fixed the batch
+size of its graph at the example's, so onnxruntime refused a batch of 2. TorchScript uses ``torch.jit.trace``. In
+both, sizes computed from the input's shape are recorded as graph operations, so the graphs hold at other sizes.
 
 The folder holds ``global.<onnx|pt>`` (and ``local.<onnx|pt>``) and ``h3de_export.json``: everything
 ``h3de predict`` needs besides the networks (the resolved config, with the preprocessing: spacing, patch size,
