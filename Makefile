@@ -75,6 +75,7 @@ benchmark: $(STAMP) $(PHANTOM)/.version-$(PHANTOM_VERSION) ## run every benchmar
 	$(MAKE) data-fine
 	$(BIN)/python benchmarks/fine_accuracy.py
 	$(BIN)/python benchmarks/predict_cost.py
+	$(BIN)/python benchmarks/export_speed.py
 
 clean: ## remove runs and generated data (keeps .venv)
 	rm -rf runs wandb $(PHANTOM) $(PHANTOM_FINE) $(AFIDS)

@@ -4,7 +4,8 @@ h3de train [EXPERIMENT.yaml] [key=value ...] [resume=last|RUN_DIR|CKPT]
 h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--batch-size N] [--radii 2,2.5,3,4]
               [--presence-threshold 0.5]
 h3de evaluate --pred DIR --truth DIR [--out DIR] [--radii 2,2.5,3,4] [--presence-threshold 0.5]
-h3de predict CHECKPOINT IMAGE_OR_FOLDER --out DIR [--format mrk.json|fcsv|csv|json] [--qc] [--truth PATH]
+h3de predict CHECKPOINT_OR_EXPORT IMAGE_OR_FOLDER --out DIR [--format mrk.json|fcsv|csv|json] [--qc] [--truth PATH]
+h3de export CHECKPOINT --format onnx|torchscript [--out DIR]
 h3de sweep SWEEP.yaml --storage URL [--study NAME] [--trials N] [--gpus 0,1,...]
 h3de compare RUN_DIR [RUN_DIR ...] [--out DIR] [--no-flops]
 h3de profile MODEL [MODEL ...] [--input D,H,W] [key=value ...]
@@ -84,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="landmarks of new scans (no ground truth needed)")
     predict.add_argument(
-        "checkpoint", help="a .ckpt written by h3de train, a run directory, or runs/<experiment>/latest (as evaluate)"
+        "checkpoint",
+        help="a .ckpt written by h3de train, a run directory, or runs/<experiment>/latest (as evaluate); or a folder "
+        "written by h3de export (its networks run by onnxruntime or TorchScript)",
     )
     predict.add_argument("inputs", metavar="IMAGE_OR_FOLDER", help="a NIfTI/NRRD image or a folder of them")
     predict.add_argument("--out", required=True, help="output folder")
@@ -130,6 +133,17 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by h3de train")
     compare.add_argument("--out", default="compare", help="folder for compare.md, compare.csv, val_mre.png (./compare)")
     compare.add_argument("--no-flops", action="store_true", help="skip the parameter and FLOP count (one forward pass)")
+
+    export = commands.add_parser(
+        "export",
+        help="the model's networks (both coarse-to-fine stages) as ONNX or TorchScript, checked against PyTorch",
+        description="Export the networks of a checkpoint for deployment, with h3de_export.json (preprocessing, "
+        "landmarks, detection mode, readout values): h3de predict runs from the folder. Each file is run against "
+        "PyTorch on random inputs at two sizes and the largest absolute difference is printed.",
+    )
+    export.add_argument("checkpoint", help="a .ckpt, a run directory, or runs/<experiment>/latest (as evaluate)")
+    export.add_argument("--format", required=True, help="onnx (run by onnxruntime) or torchscript")
+    export.add_argument("--out", default=None, help="new or empty output folder (default: <run>/export_<format>)")
 
     profile = commands.add_parser("profile", help="parameters, FLOPs, time and peak memory of networks")
     profile.add_argument("args", nargs="+", metavar="ARG", help="one or more model names, then key=value overrides")
@@ -294,6 +308,16 @@ def _predict(args: argparse.Namespace) -> None:
         raise H3deError(f"{len(result.failures)} of {total} cases failed: {failed}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from h3de.export import export
+
+    result = export(args.checkpoint, args.format, args.out)
+    for check in result.checks:
+        shape = "x".join(map(str, check["input_shape"]))
+        print(f"{check['stage']}: input {shape}: max abs diff to PyTorch {check['max_abs_diff']:.2e}")
+    print(f"exported {', '.join(p.name for p in result.files.values())} to {result.out_dir}")
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
@@ -422,8 +446,16 @@ def _print_report(report: ImportReport) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "profile": _profile, "data": _data,
-               "sweep": _sweep, "compare": _compare}  # fmt: skip
+    handler = {
+        "train": _train,
+        "evaluate": _evaluate,
+        "predict": _predict,
+        "export": _export,
+        "profile": _profile,
+        "sweep": _sweep,
+        "compare": _compare,
+        "data": _data,
+    }
     handler = handler[args.command]
     try:
         handler(args)

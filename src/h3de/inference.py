@@ -73,7 +73,8 @@ def detect(module: Any, sample: dict[str, Any], timings: dict[str, float] | None
     """Detect every landmark in one prepared scan.
 
     Args:
-        module: a :class:`h3de.module.LandmarkModule` (its network, readout, local stage and config).
+        module: a :class:`h3de.module.LandmarkModule` (its network, readout, local stage, config and device), or
+            an :class:`h3de.exported.ExportedModel` (the same, with exported networks).
         sample: one sample of :func:`h3de.data.pipelines.build_inference_transforms`: ``image`` (MetaTensor
             (1, D, H, W) with its affine) and, for coarse-to-fine, ``source``.
         timings: if given, seconds are added to its "network", "decoding" and "patches" entries.
@@ -83,7 +84,7 @@ def detect(module: Any, sample: dict[str, Any], timings: dict[str, float] | None
     """
     cfg = module.cfg.detection
     clock = _Stopwatch(timings)
-    device = next(module.parameters()).device
+    device = module.device
     image = sample["image"]
     x = image.as_tensor()[None].to(device, torch.float32)  # (1, 1, D, H, W)
     affine = image.affine.to(torch.float64)

@@ -34,11 +34,10 @@ import torch
 from monai.transforms import Compose
 from tqdm import tqdm
 
-from h3de.config import config_from_dict
 from h3de.data.landmark_io import LANDMARK_SUFFIXES, read_landmarks, write_landmarks
 from h3de.data.pipelines import build_inference_transforms
 from h3de.errors import H3deError, root_cause
-from h3de.evaluate import load_checkpoint, resolve_checkpoint
+from h3de.exported import load_model
 from h3de.inference import detect
 from h3de.io_utils import atomic_write, csv_text
 
@@ -118,7 +117,8 @@ def predict(
 
     Args:
         checkpoint: a ``.ckpt`` written by ``h3de train``, a run directory or ``runs/<experiment>/latest``
-            (:func:`h3de.evaluate.resolve_checkpoint`).
+            (:func:`h3de.evaluate.resolve_checkpoint`), or a folder written by ``h3de export`` (its networks run
+            by onnxruntime or TorchScript: :mod:`h3de.exported`).
         inputs: an image file, or a folder of them (``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``).
         out_dir: output folder (created).
         fmt: landmark file format: ``mrk.json``, ``fcsv``, ``csv`` or ``json``.
@@ -140,13 +140,12 @@ def predict(
     ids = [case_id_of(p) for p in images]
     if len(set(ids)) != len(ids):
         raise H3deError(f"{inputs}: several images share a case id (file name without suffix)")
-    checkpoint = resolve_checkpoint(checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module = load_checkpoint(checkpoint, map_location=device).to(device)
+    module, checkpoint = load_model(checkpoint, device)  # a checkpoint, or an h3de export folder
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     _check_writable(out_dir)
-    cfg = config_from_dict(module.hparams["config"])
+    cfg = module.cfg
     chain = build_inference_transforms(cfg.data, cfg.detection, with_landmarks=False)
     read, prepare = chain.transforms[0], Compose(chain.transforms[1:])
     names = module.landmark_names

@@ -160,3 +160,19 @@ def test_inference_and_recomputation_keep_outputs_and_gradients(full_res_levels)
         torch.testing.assert_close(a.grad, b.grad, msg=name)
     with torch.inference_mode():  # in-place norms and activations, tensors freed early
         torch.testing.assert_close(plain(x), outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_without_gradients_gives_each_volumes_own_output():
+    # the decoder's in-place GroupNorm once viewed a non-contiguous convolution output and failed: with 2 threads,
+    # the CPU convolution returns a batch of 2 at this size in another memory layout
+    model = build_network("h3de_net", 1, 3, {"preset": "tiny"}).eval()
+    x = torch.randn(2, 1, 96, 64, 80)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            together = model(x)
+            alone = torch.cat([model(x[:1]), model(x[1:])])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(together, alone, atol=1e-5)

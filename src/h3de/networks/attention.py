@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from h3de.networks.tracing import is_tracing
+
 __all__ = ["ATTENTION_SCALES", "route_regions", "bi_level_routing_attention", "DepthwiseConv3d", "VolumetricBRA"]
 
 ATTENTION_SCALES = ("head", "width")  # softmax scale head_dim^-0.5 or dim^-0.5 (VolumetricBRA)
@@ -124,7 +126,8 @@ def bi_level_routing_attention(
             f"q, k, v must share one (B, D, H, W, C) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     B, D, H, W, C = q.shape
-    num_regions = _check_triple("num_regions", num_regions)
+    if not is_tracing():  # (int() would fix a traced region count, which grows with the input for region_size)
+        num_regions = _check_triple("num_regions", num_regions)
     if D % num_regions[0] or H % num_regions[1] or W % num_regions[2]:
         raise ValueError(f"token grid {_fmt((D, H, W))} is not divisible by num_regions={_fmt(num_regions)}")
     if num_heads < 1 or C % num_heads:
@@ -137,10 +140,10 @@ def bi_level_routing_attention(
     if valid is not None:
         if valid.shape != (B, D, H, W) or valid.dtype != torch.bool:
             raise ValueError(f"valid must be a (B, D, H, W) = {(B, D, H, W)} bool mask, got {tuple(valid.shape)}")
-        if bool(valid.all()):
+        if not is_tracing() and bool(valid.all()):
             valid = None  # nothing to mask: take the unmasked (faster) kernels
 
-    if topk == R:
+    if topk == R and not is_tracing():  # exported: R may grow with the input (region_size), so route
         # Every region routes to every region, so every query sees every key: dense attention.
         q_t, k_t, v_t = (t.reshape(B, N, num_heads, head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, e)
         mask = None if valid is None else valid.reshape(B, 1, 1, N)
@@ -156,7 +159,8 @@ def bi_level_routing_attention(
     tokens = (tokens + N * torch.arange(B, device=q.device).view(B, 1, 1)).view(B * R, T)  # (B R, T)
     flat = [t.reshape(B * N, C) for t in (q, k, v)]  # 3 x (B N, C)
     valid_flat = None if valid is None else valid.reshape(B * N)  # (B N)
-    if topk == 1 and 2 * torch.unique(key_regions).numel() <= B * R:  # on average >= 2 regions per key region
+    # on average >= 2 query regions per key region (data-dependent: never in an exported graph)
+    if topk == 1 and not is_tracing() and 2 * torch.unique(key_regions).numel() <= B * R:
         out = _attend_shared_keys(*flat, tokens, key_regions[:, 0], num_heads, valid_flat, scale)  # (B R, T, C)
     else:
         out = _attend_gathered(*flat, tokens, key_regions, num_heads, valid_flat, scale)  # (B R, T, C)
@@ -289,7 +293,7 @@ class DepthwiseConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, D, H, W) -> (B, C, D, H, W)."""
-        if x.device.type != "cpu":  # the two-convolution backward is only measured (and faster) on CPU
+        if x.device.type != "cpu" or is_tracing():  # the two-convolution backward: measured (and faster) on CPU
             return super().forward(x)
         return _DepthwiseConv3dFunction.apply(x, self.weight, self.bias)
 
@@ -362,12 +366,15 @@ class VolumetricBRA(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def region_layout(self, size: tuple[int, int, int]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-        """(regions per axis, padded token grid) for a (D, H, W) token grid."""
+        """(regions per axis, padded token grid) for a (D, H, W) token grid.
+
+        Divisions of non-negative numbers only: an exported graph's integer division truncates (ONNX ``Div``).
+        """
         if self.region_grid is not None:
             regions = self.region_grid
-            padded = tuple(r * -(-s // r) for s, r in zip(size, regions, strict=True))
+            padded = tuple(r * ((s + r - 1) // r) for s, r in zip(size, regions, strict=True))
         else:
-            regions = tuple(-(-s // r) for s, r in zip(size, self.region_size, strict=True))
+            regions = tuple((s + r - 1) // r for s, r in zip(size, self.region_size, strict=True))
             padded = tuple(n * r for n, r in zip(regions, self.region_size, strict=True))
             if self.topk > math.prod(regions):
                 raise ValueError(
@@ -387,7 +394,7 @@ class VolumetricBRA(nn.Module):
         if self.lce is not None:  # on the unpadded grid; v.permute is a channels-last (B, C, D, H, W) view
             lce = self.lce(v.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)  # (B, D, H, W, C)
         valid = None
-        if padded != (D, H, W):
+        if is_tracing() or padded != (D, H, W):  # exported: pad (maybe by nothing) whatever the size
             pd, ph, pw = (p - s for p, s in zip(padded, (D, H, W), strict=True))
             q, k, v = (F.pad(t, (0, 0, 0, pw, 0, ph, 0, pd)) for t in (q, k, v))  # 3 x (B, D', H', W', C)
             valid = torch.zeros(padded, dtype=torch.bool, device=x.device)

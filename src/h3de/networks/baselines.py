@@ -11,6 +11,7 @@ from monai.networks.nets import SwinUNETR, UNet
 from torch import nn
 
 from h3de.networks.registry import register_network
+from h3de.networks.tracing import is_tracing
 
 __all__ = ["PadToMultiple", "unet", "swin_unetr"]
 
@@ -30,8 +31,8 @@ class PadToMultiple(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]
-        extra = [(-s) % self.multiple for s in size]
-        if not any(extra):
+        extra = [(self.multiple - s % self.multiple) % self.multiple for s in size]
+        if not is_tracing() and not any(extra):  # exported: pad (maybe by nothing) whatever the size
             return self.network(x)
         pad = [p for e in reversed(extra) for p in (e // 2, e - e // 2)]  # F.pad order: last axis first
         out = self.network(F.pad(x, pad, mode="replicate"))

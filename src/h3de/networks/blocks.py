@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from h3de.networks.attention import VolumetricBRA
+from h3de.networks.tracing import is_tracing
 
 __all__ = [
     "norm3d",
@@ -78,7 +79,10 @@ class ConvNormAct(nn.Sequential):
     def norm_act(self, y: torch.Tensor) -> torch.Tensor:
         """The norm and activation of the convolution's output ``y`` (in place when no gradient is recorded)."""
         norm, act = self[1], self[2]
-        if not isinstance(norm, nn.GroupNorm) or (torch.is_grad_enabled() and y.requires_grad):
+        in_place = isinstance(norm, nn.GroupNorm) and not (torch.is_grad_enabled() and y.requires_grad)
+        # a non-contiguous output (batches > 1 on CPU) cannot be viewed as groups; an exported graph would not
+        # write the in-place normalisation of a view back into the tensor
+        if not in_place or not y.is_contiguous() or is_tracing():
             return act(norm(y))
         y = _group_norm_(y, norm)
         return F.leaky_relu_(y, act.negative_slope) if isinstance(act, nn.LeakyReLU) else act(y)

@@ -30,6 +30,7 @@ from h3de.anchors import anchor_channels, init_anchor_head_
 from h3de.networks.attention import ATTENTION_SCALES
 from h3de.networks.blocks import ChannelLayerNorm, ConvNormAct, DecoderBlock, FeatureFusion, HybridBlock
 from h3de.networks.registry import register_network
+from h3de.networks.tracing import is_tracing
 
 __all__ = ["PRESETS", "H3DENet", "stage_token_grids", "h3de_net", "h3de_net_anchor"]
 
@@ -179,8 +180,12 @@ class H3DENet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, D, H, W) -> heatmaps (B, L, D, H, W) or anchor maps (B, A*L*4, ceil(D/4), ...)."""
         size = x.shape[2:]
-        extra = [(-s) % 32 for s in size]
-        x = F.pad(x, [p for e in reversed(extra) for p in (0, e)], mode="replicate") if any(extra) else x
+        extra = [(32 - s % 32) % 32 for s in size]  # non-negative operands: exportable
+        x = (
+            F.pad(x, [p for e in reversed(extra) for p in (0, e)], mode="replicate")
+            if is_tracing() or any(extra)
+            else x
+        )
 
         features = []
         y = self.stem(x)  # (B, w0, D/4, H/4, W/4)
