@@ -15,10 +15,12 @@ from omegaconf import DictConfig
 
 from h3de.config import save_config, to_container
 from h3de.data.datamodule import LandmarkDataModule
+from h3de.distributed import StopAllRanks, is_first_process, world_size
 from h3de.errors import H3deError
 from h3de.loggers import build_loggers
 from h3de.module import LandmarkModule
 from h3de.networks import network_spec
+from h3de.precision import check_precision
 
 __all__ = ["TrainResult", "train", "make_run_dir"]
 
@@ -36,11 +38,16 @@ class TrainResult:
 
 
 def make_run_dir(cfg: DictConfig) -> Path:
-    """``output_dir/name/<timestamp>`` (new, unique); DDP workers reuse rank 0's directory."""
-    if int(os.environ.get("LOCAL_RANK", "0")) > 0 and os.environ.get(_RUN_DIR_ENV):
-        return Path(os.environ[_RUN_DIR_ENV])
+    """``output_dir/name/<timestamp>`` (new, unique), made by the first process of a launch only.
+
+    The other processes write nothing there: Lightning's re-launched DDP workers get rank 0's path; under torchrun
+    or SLURM, which start every process at once, they get the path uncreated (their checkpoint callback takes rank
+    0's folder by broadcast).
+    """
     base = Path(cfg.output_dir) / cfg.name
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if not is_first_process():
+        return Path(os.environ.get(_RUN_DIR_ENV, base / stamp))
     run_dir, n = base / stamp, 1
     while run_dir.exists():
         run_dir, n = base / f"{stamp}-{n}", n + 1
@@ -69,10 +76,12 @@ def train(cfg: DictConfig) -> TrainResult:
         cfg.data, heatmaps=heatmaps, detection=cfg.detection, local=cfg.local, seed=cfg.seed
     )
     module = LandmarkModule(to_container(cfg), datamodule.landmark_names)
+    check_precision(cfg.trainer)
+    datamodule.check_world_size(world_size(cfg.trainer))  # devices this machine has, and work they can share
     datamodule.setup("fit")  # reads and checks every train and val image before anything is written
 
     run_dir = make_run_dir(cfg)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if is_first_process():
         save_config(cfg, run_dir / "config.yaml")
     loggers = build_loggers(cfg.logger, run_dir, run_name=f"{cfg.name}-{run_dir.name}")
     checkpoint = ModelCheckpoint(
@@ -88,7 +97,8 @@ def train(cfg: DictConfig) -> TrainResult:
         save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
-    callbacks = [checkpoint, last] + ([LearningRateMonitor("step")] if loggers else [])
+    ranks = StopAllRanks()
+    callbacks = [checkpoint, last, ranks] + ([LearningRateMonitor("step")] if loggers else [])
     t = cfg.trainer
     trainer = L.Trainer(
         default_root_dir=run_dir,
@@ -115,7 +125,8 @@ def train(cfg: DictConfig) -> TrainResult:
         enable_model_summary=False,
     )
     try:
-        trainer.fit(module, datamodule=datamodule)
+        with ranks.errors():
+            trainer.fit(module, datamodule=datamodule)
     except H3deError:
         if trainer.is_global_zero and trainer.global_step == 0:
             _remove_untrained_run_dir(run_dir)
