@@ -115,6 +115,8 @@ def _trainer(**values):
 
 
 def test_world_size_counts_processes_and_refuses_what_the_machine_lacks(monkeypatch):
+    for key in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS"):  # not under a launcher
+        monkeypatch.delenv(key, raising=False)
     cores = available_devices("cpu")
     assert cores >= 1
     assert world_size(_trainer(accelerator="cpu", devices=2, num_nodes=3)) == 6
@@ -135,6 +137,8 @@ def test_world_size_counts_processes_and_refuses_what_the_machine_lacks(monkeypa
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
     assert world_size(_trainer(accelerator="cuda", devices=-1)) == 2
     assert world_size(_trainer(accelerator="cuda", devices=[1])) == 1
+    with pytest.raises(ConfigError, match="is not a list of device ids"):
+        world_size(_trainer(accelerator="cuda", devices=["a"]))
     with pytest.raises(ConfigError, match=r"trainer.devices=\[0, 2\] names a cuda device this machine lacks"):
         world_size(_trainer(accelerator="cuda", devices=[0, 2]))
 

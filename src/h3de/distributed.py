@@ -76,12 +76,13 @@ def available_devices(kind: str) -> int | None:
 
 def _devices_per_node(devices: Any, kind: str, available: int | None) -> int:
     """Processes per node that ``trainer.devices`` asks for, refused beyond ``available``."""
-    if isinstance(devices, ListConfig | list | tuple):
-        ids = [int(d) for d in devices]
-    elif isinstance(devices, str) and "," in devices:
-        ids = [int(d) for d in devices.split(",") if d.strip()]
-    else:
-        ids = None
+    ids = None
+    if isinstance(devices, ListConfig | list | tuple) or (isinstance(devices, str) and "," in devices):
+        items = devices.split(",") if isinstance(devices, str) else list(devices)
+        try:
+            ids = [int(str(d).strip()) for d in items if str(d).strip()]
+        except ValueError:
+            raise ConfigError(f"trainer.devices={devices!r} is not a list of device ids") from None
     if ids is not None:
         if kind == "cpu":
             raise ConfigError(f"trainer.devices={list(ids)}: on the CPU, devices is a process count, not a list of ids")
@@ -102,7 +103,8 @@ def _devices_per_node(devices: Any, kind: str, available: int | None) -> int:
     if count == -1 and kind != "cpu" and available is not None:
         count = available
     if count < 1:
-        raise ConfigError(f"trainer.devices={devices!r} must be a positive count (or -1: every {kind} device)")
+        every = "" if kind == "cpu" else f" (or -1: every {kind} device)"
+        raise ConfigError(f"trainer.devices={devices!r} must be a positive count{every}")
     if available is not None and count > available:
         what = "usable CPU cores (one process per device)" if kind == "cpu" else f"{kind} devices"
         raise ConfigError(f"trainer.devices={count} is more than this machine has: {available} {what}")
