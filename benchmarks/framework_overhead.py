@@ -6,12 +6,12 @@ phantom), so data loading is out of both. The bare loop is forward, the readout'
 scheduler step. h3de is ``lightning.Trainer.fit`` of the LandmarkModule with what ``h3de train`` adds per step: the
 CSV logger, the LR monitor, the per-step decoding of the training predictions to world mm for the train MRE, the
 metric updates and logging (no progress bar). Time is the wall clock of each epoch's steps, from the epoch's start to
-its end (epoch-end work, the train MRE summary and the checkpoint, is per epoch, not per step); the first epoch of
-each is a warm-up. The two alternate, round after round, on fresh copies of the same initial weights, so a change
-in the machine's load hits both; the ratio of each round is reported, and their median. Rewrites
-benchmarks/framework_overhead.md.
+its end: the work done once an epoch (the train MRE summary; in ``h3de train`` also the checkpoints) is left out.
+The first epoch of each is a warm-up. The two alternate, round after round (each going first in turn), on fresh
+copies of the same initial weights, so a change in the machine's load hits both; the ratio of each round is
+reported, and their median. Rewrites benchmarks/framework_overhead.md.
 
-    .venv/bin/python benchmarks/framework_overhead.py [--steps 8] [--epochs 4] [--rounds 3] [--threads 1]
+    .venv/bin/python benchmarks/framework_overhead.py [--steps 8] [--epochs 4] [--rounds 4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -136,9 +136,12 @@ def measure(name: str, overrides: list[str], root: Path, args: argparse.Namespac
     template = LandmarkModule(to_container(cfg), names)
     bare, framework = [], []
     for r in range(args.rounds):
-        bare.append(bare_loop(copy.deepcopy(template), batches, args.epochs))
-        with tempfile.TemporaryDirectory() as run_dir:
-            framework.append(h3de_fit(copy.deepcopy(template), batches, args.epochs, Path(run_dir)))
+        for side in ("bare", "h3de") if r % 2 == 0 else ("h3de", "bare"):  # either goes first in turn
+            if side == "bare":
+                bare.append(bare_loop(copy.deepcopy(template), batches, args.epochs))
+                continue
+            with tempfile.TemporaryDirectory() as run_dir:
+                framework.append(h3de_fit(copy.deepcopy(template), batches, args.epochs, Path(run_dir)))
         print(f"{name}, round {r + 1}: bare {1000 * bare[-1]:.1f} ms, h3de {1000 * framework[-1]:.1f} ms a step")
     ratios = [f / b for f, b in zip(framework, bare, strict=True)]
     return {
@@ -155,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="training batches an epoch")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of each run, the first a warm-up")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating bare / h3de measurements")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating bare / h3de measurements")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
