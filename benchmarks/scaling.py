@@ -99,11 +99,12 @@ def run(devices: int, root: Path, args: argparse.Namespace) -> dict:
     command += ["--experiment", args.experiment, "--steps", str(args.steps), "--epochs", str(args.epochs)]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
     env["OMP_NUM_THREADS"] = "1"  # one thread per process (Lightning then leaves the count alone)
+    load = os.getloadavg()[0]  # the machine's 1-minute load average as the run starts
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         sys.exit(f"the {devices}-process run failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[0].removeprefix("RESULT "))
+    return {**json.loads(lines[0].removeprefix("RESULT ")), "load": load}
 
 
 def main() -> None:
@@ -125,9 +126,9 @@ def main() -> None:
         generate_phantom(root, seed=0, num_cases=14, voxel_mm=4.0)
         for r in range(args.rounds):
             one, two = run(1, root, args), run(2, root, args)
-            rounds.append((one["volumes_per_s"], two["volumes_per_s"]))
-            print(f"round {r + 1}: {rounds[-1][0]:.2f} volumes/s on 1 process, {rounds[-1][1]:.2f} on 2")
-    speedups = [two / one for one, two in rounds]
+            rounds.append((one, two))
+            print(f"round {r + 1}: {one['volumes_per_s']:.2f} volumes/s on 1 process, {two['volumes_per_s']:.2f} on 2")
+    speedups = [two["volumes_per_s"] / one["volumes_per_s"] for one, two in rounds]
     command = (
         f".venv/bin/python benchmarks/scaling.py --experiment {args.experiment} --steps {args.steps} "
         f"--epochs {args.epochs} --rounds {args.rounds}"
@@ -141,12 +142,17 @@ def main() -> None:
         f"{L.__version__}. Measured on a shared machine under load from other jobs: the absolute rates vary with "
         "it; the speed-up of each round, the 1- and 2-process runs measured one after the other, is the result.",
         "",
-        "| round | 1 process (volumes/s) | 2 processes (volumes/s) | speed-up |",
-        "|---:|---:|---:|---:|",
-        *[f"| {i + 1} | {one:.2f} | {two:.2f} | {two / one:.2f} |" for i, (one, two) in enumerate(rounds)],
+        "| round | 1 process (volumes/s) | 2 processes (volumes/s) | speed-up | load average as each starts |",
+        "|---:|---:|---:|---:|---|",
+        *[
+            f"| {i + 1} | {one['volumes_per_s']:.2f} | {two['volumes_per_s']:.2f} | {speedup:.2f} "
+            f"| {one['load']:.1f}, {two['load']:.1f} |"
+            for i, ((one, two), speedup) in enumerate(zip(rounds, speedups, strict=True))
+        ],
         "",
-        f"Median speed-up: {statistics.median(speedups):.2f} (ideal: 2.00). CPU only: no GPU was available "
-        "to this measurement.",
+        f"Median speed-up: {statistics.median(speedups):.2f} (ideal: 2.00). The load average is the machine's "
+        "1-minute average, in processes wanting a core: where it is near the core count before the run, other jobs "
+        "hold the cores a second process would need. CPU only: no GPU was available to this measurement.",
         "",
         f"Reproduce: `{command}`",
         "",
