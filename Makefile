@@ -72,6 +72,8 @@ benchmark: $(STAMP) $(PHANTOM)/.version-$(PHANTOM_VERSION) ## run every benchmar
 	$(BIN)/python benchmarks/anchor_loss.py
 	$(BIN)/python benchmarks/phantom_accuracy.py
 	$(BIN)/python benchmarks/presence.py
+	$(BIN)/python benchmarks/framework_overhead.py
+	$(BIN)/python benchmarks/scaling.py
 	$(MAKE) data-fine
 	$(BIN)/python benchmarks/fine_accuracy.py
 	$(BIN)/python benchmarks/predict_cost.py

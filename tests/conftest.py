@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import nibabel as nib
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from h3de.data.landmark_io import write_landmarks
-from h3de.data.manifest import Case, Manifest, write_manifest
+from h3de.data.manifest import Case, Manifest, load_manifest, write_manifest
 
 BLOB_NAMES = ["a_L", "a_R", "top", "front"]
 BLOB_PAIRS = (("a_L", "a_R"),)
@@ -72,3 +73,13 @@ def write_blob_dataset(tmp_path: Path) -> Path:
     manifest = Manifest(tmp_path / "dataset.json", "blobs", tuple(BLOB_NAMES), BLOB_PAIRS, tuple(cases))
     write_manifest(tmp_path / "dataset.json", manifest)
     return tmp_path / "dataset.json"
+
+
+@pytest.fixture
+def odd_val_dataset(blob_dataset: Path) -> Path:
+    """The blob cases split 3 train / 3 val: an odd val split, which 2 processes cannot share evenly."""
+    manifest = load_manifest(blob_dataset)
+    splits = ["train"] * 3 + ["val"] * 3
+    cases = tuple(dataclasses.replace(case, split=split) for case, split in zip(manifest.cases, splits, strict=True))
+    write_manifest(blob_dataset, dataclasses.replace(manifest, cases=cases))
+    return blob_dataset

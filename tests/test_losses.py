@@ -176,3 +176,24 @@ def test_spatial_ce_presence_keeps_the_training_volume_size_at_inference():
     untrained = SpatialCrossEntropyLoss(1)  # no training size known: the scan's own, log 8 lower
     assert untrained.presence(larger).item() < before.item() - 0.2
     assert torch.isclose(loss.train_log_voxels, torch.tensor(math.log(512.0)))
+
+
+@pytest.mark.parametrize("name", ["spatial_ce", "weighted_mse", "ball_ohnm"])
+@pytest.mark.parametrize("magnitude", [3.0, 1e3])
+def test_every_heatmap_loss_is_finite_under_bf16_autocast(name, magnitude):
+    """bf16-mixed: a bfloat16 network output gives a finite float32 loss and gradients, equal to the float32 loss of
+    the same (bfloat16-rounded) values."""
+    torch.manual_seed(1)
+    _, heat, mask = targets()
+    loss = build_loss(LossConfig(name=name), 1.5, 3)
+    x = (torch.randn_like(heat) * magnitude).bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(x, heat, mask)
+        presence = loss.presence(x)
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    assert torch.isfinite(presence).all() and ((presence >= 0) & (presence <= 1)).all()
+    value.backward()
+    assert torch.isfinite(x.grad.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in loss.parameters())
+    reference = loss(x.detach().float(), heat, mask)
+    assert value.item() == pytest.approx(reference.item(), rel=1e-3)

@@ -146,11 +146,11 @@ def test_cli_train_runs_experiment_file(blob_dataset, tmp_path, capsys):
     assert "best val MRE:" in out and (tmp_path / "runs" / "exp").is_dir()
 
 
-def test_two_process_ddp_with_bf16_mixed_precision(blob_dataset, tmp_path):
+def test_two_process_ddp_with_bf16_mixed_precision(odd_val_dataset, tmp_path):
     """The multi-GPU path on CPU: 2 processes (gloo), global batch and samples_per_epoch split, one run directory,
     bf16."""
     runs = tmp_path / "runs"
-    data = f"data.root={blob_dataset.parent}"
+    data = f"data.root={odd_val_dataset.parent}"
     command = [sys.executable, "-m", "h3de.cli", "train", data, f"output_dir={runs}"]
     command += [*SMALL, "data.batch_size=4", "trainer.max_epochs=1", "logger=csv", "name=ddp"]
     command += ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
@@ -164,7 +164,7 @@ def test_two_process_ddp_with_bf16_mixed_precision(blob_dataset, tmp_path):
     assert len(run_dirs) == 1 and (run_dirs[0] / "checkpoints" / "best.ckpt").is_file()
     with open(run_dirs[0] / "logs" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["train/loss_step"]]
-    assert len(rows) == 2  # 8 samples an epoch / (2 per device x 2 devices) = 2 steps (4 training cases)
+    assert len(rows) == 2  # 8 samples an epoch / (2 per device x 2 devices) = 2 steps (3 training cases)
 
 
 def test_cli_phantom_writes_a_dataset_and_refuses_bad_sizes(tmp_path, capsys):

@@ -18,11 +18,13 @@ from omegaconf import DictConfig
 from h3de.callbacks import WandbPanels
 from h3de.checkpoints import AtomicCheckpointIO
 from h3de.config import save_config, to_container
-from h3de.data.datamodule import LandmarkDataModule, per_device_batch_size
+from h3de.data.datamodule import LandmarkDataModule
+from h3de.distributed import StopAllRanks, is_first_process, world_size
 from h3de.errors import H3deError
 from h3de.loggers import build_loggers, resolve_logger
 from h3de.module import LandmarkModule
 from h3de.networks import network_spec
+from h3de.precision import check_precision
 from h3de.progress import StderrProgressBar
 from h3de.reproducibility import EpochSeeding, write_run_info
 from h3de.resume import ResumePoint, continue_csv_log, wandb_run_id
@@ -43,11 +45,16 @@ class TrainResult:
 
 
 def make_run_dir(cfg: DictConfig) -> Path:
-    """``output_dir/name/<timestamp>`` (new, unique); DDP workers reuse rank 0's directory."""
-    if int(os.environ.get("LOCAL_RANK", "0")) > 0 and os.environ.get(_RUN_DIR_ENV):
-        return Path(os.environ[_RUN_DIR_ENV])
+    """``output_dir/name/<timestamp>`` (new, unique), made by the first process of a launch only.
+
+    The other processes write nothing there: Lightning's re-launched DDP workers get rank 0's path; under torchrun
+    or SLURM, which start every process at once, they get the path uncreated (their checkpoint callback takes rank
+    0's folder by broadcast).
+    """
     base = Path(cfg.output_dir) / cfg.name
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if not is_first_process():
+        return Path(os.environ.get(_RUN_DIR_ENV, base / stamp))
     run_dir, n = base / stamp, 1
     while run_dir.exists():
         run_dir, n = base / f"{stamp}-{n}", n + 1
@@ -80,6 +87,8 @@ def train(cfg: DictConfig, resume: ResumePoint | None = None, callbacks: Sequenc
         cfg.data, heatmaps=heatmaps, detection=cfg.detection, local=cfg.local, seed=cfg.seed
     )
     module = LandmarkModule(to_container(cfg), datamodule.landmark_names)
+    check_precision(cfg.trainer)
+    datamodule.check_world_size(world_size(cfg.trainer))  # devices this machine has, and work they can share
     datamodule.setup("fit")  # reads and checks every train and val image before anything is written
     if resume is not None:
         resume.check_landmarks(datamodule.landmark_names)
@@ -87,14 +96,15 @@ def train(cfg: DictConfig, resume: ResumePoint | None = None, callbacks: Sequenc
     logger_cfg = resolve_logger(cfg, rank_zero=int(os.environ.get("LOCAL_RANK", "0")) == 0)  # W&B mode checked
 
     run_dir = make_run_dir(cfg) if resume is None else resume.run_dir
+    ranks = StopAllRanks()  # one error, and every process stopped, when one process fails
     try:
-        trainer, checkpoint = _build_trainer(cfg, logger_cfg, run_dir, resume, callbacks)
+        trainer, checkpoint = _build_trainer(cfg, logger_cfg, run_dir, resume, [ranks, *callbacks])
     except BaseException:  # nothing trained yet: leave no run directory behind
-        if resume is None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        if resume is None and is_first_process():
             _remove_untrained_run_dir(run_dir)
         raise
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), ranks.errors():
             if resume is not None:  # the run's own checkpoints, overwritten as the run goes on
                 warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume and resume.checkpoint, weights_only=True)
@@ -116,12 +126,12 @@ def _build_trainer(
     """The Trainer writing into ``run_dir`` (config.yaml, run_info.json and the loggers' files are written here);
     ``logger_cfg`` is the logger section from :func:`h3de.loggers.resolve_logger`."""
     run_id = None  # W&B logs from rank 0 only
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if is_first_process():
         save_config(cfg, run_dir / "config.yaml")
         write_run_info(run_dir, resume and resume.describe())
         run_id = wandb_run_id(run_dir) if cfg.logger.name == "wandb" else None
     loggers = build_loggers(logger_cfg, run_dir, run_name=f"{cfg.name}-{run_dir.name}", run_id=run_id)
-    if resume is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if resume is not None and is_first_process():
         continue_csv_log(loggers, resume.global_step)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -166,5 +176,4 @@ def _build_trainer(
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
     )
-    per_device_batch_size(cfg.data.batch_size, trainer.world_size)  # refused here once, not by every process
     return trainer, checkpoint

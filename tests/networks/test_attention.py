@@ -238,3 +238,30 @@ def test_module_attention_scales_differ_by_the_q_rescaling():
     torch.testing.assert_close(width(x), head(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="attention_scale 'qk'"):
         VolumetricBRA(32, topk=2, attention_scale="qk")
+
+
+@pytest.mark.parametrize(("topk", "size"), [(1, (4, 4, 2)), (2, (5, 4, 3)), (8, (4, 4, 2))])  # shared, gathered, dense
+def test_bf16_autocast_forward_and_backward_are_finite_and_near_float32(topk, size):
+    """bf16-mixed on CPU: the depthwise convolution's own backward runs in the forward's autocast state (it once
+    mixed the bfloat16 gradient with the float32 weight and crashed)."""
+    torch.manual_seed(6)
+    module = VolumetricBRA(16, topk=topk, head_dim=8, region_grid=(2, 2, 2), lce_kernel=3)
+    x = torch.randn(2, *size, 16)
+    target = torch.randn(2, *size, 16)
+
+    def gradients(autocast: bool):
+        module.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = module(x)
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+        loss = (out.float() - target).square().mean()
+        loss.backward()
+        return loss, {name: p.grad.clone() for name, p in module.named_parameters()}
+
+    loss32, grads32 = gradients(False)
+    loss16, grads16 = gradients(True)
+    assert torch.isfinite(loss16) and abs(loss16 - loss32) < 0.02 * loss32
+    for name, grad in grads16.items():
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
+        cosine = F.cosine_similarity(grad.flatten(), grads32[name].flatten(), dim=0)
+        assert cosine > 0.98, (name, cosine)

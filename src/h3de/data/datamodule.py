@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from monai.data import CacheDataset
 from monai.data.utils import set_rnd
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
@@ -25,14 +26,7 @@ from h3de.data.manifest import Case, Manifest, load_manifest
 from h3de.data.pipelines import build_inference_transforms, build_transforms
 from h3de.errors import DataError, DataWarning, root_cause
 
-__all__ = ["LandmarkDataModule", "EpochSampler", "check_case", "list_of_samples", "per_device_batch_size"]
-
-
-def per_device_batch_size(batch_size: int, world_size: int) -> int:
-    """``data.batch_size`` (the global batch) split over ``world_size`` processes; a remainder is refused."""
-    if batch_size % world_size:
-        raise DataError(f"data.batch_size={batch_size} is not divisible by the device count ({world_size})")
-    return batch_size // world_size
+__all__ = ["LandmarkDataModule", "EpochSampler", "check_case", "list_of_samples"]
 
 
 def list_of_samples(samples: list[dict]) -> list[dict]:
@@ -200,9 +194,24 @@ class LandmarkDataModule(L.LightningDataModule):
             for case in self.manifest.split(split)
         ]
 
+    def check_world_size(self, world: int, splits: tuple[str, ...] = ("val",)) -> None:
+        """Refuse ``world`` processes that cannot share the work: a global batch they do not divide, or an evaluated
+        split with fewer cases than processes (each process scores its own cases, at least one)."""
+        if self.cfg.batch_size % world:
+            raise DataError(f"data.batch_size={self.cfg.batch_size} is not divisible by the device count ({world})")
+        for split in splits:
+            cases = len(self.records[split])
+            if 0 < cases < world:
+                raise DataError(
+                    f"{self.manifest.path}: the '{split}' split has {cases} cases, fewer than the {world} processes "
+                    "that share its evaluation: use fewer devices or more cases"
+                )
+
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
-            self.batch_size_per_device = per_device_batch_size(self.cfg.batch_size, self.trainer.world_size)
+            world = self.trainer.world_size
+            self.check_world_size(world, {"fit": ("val",), "validate": ("val",), "test": ("test",)}.get(stage, ()))
+            self.batch_size_per_device = self.cfg.batch_size // world
         wanted = {
             "fit": (("train", True), ("val", False)),
             "validate": (("val", False),),
@@ -242,7 +251,8 @@ class LandmarkDataModule(L.LightningDataModule):
 
         A training loader draws ``cfg.samples_per_epoch`` samples an epoch (default: one pass over the split) through
         :class:`EpochSampler`, whose order depends on the seed and the epoch only (resumed runs continue it). The
-        random transforms are seeded per process rank here (no workers) or per worker at its start.
+        random transforms are seeded per process rank here (no workers) or per worker at its start. In a
+        multi-process run, an evaluation loader gives each process every ``world_size``-th case, unpadded.
         """
         dataset = self._dataset(split, augmented)
         workers = self.cfg.num_workers
@@ -252,6 +262,11 @@ class LandmarkDataModule(L.LightningDataModule):
         sampler = None
         if shuffle:
             sampler = EpochSampler(len(dataset), self.cfg.samples_per_epoch or len(dataset), self.seed)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if not shuffle and world > 1:
+            # every case scored exactly once: process r takes cases r, r + world, ... (Lightning's DistributedSampler
+            # would pad the shares to one length with repeated cases, counted twice in the metrics)
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         samples = len(sampler) if sampler is not None else len(dataset)
         return DataLoader(
             dataset,

@@ -249,15 +249,21 @@ def _attend_shared_keys(
 
 
 class _DepthwiseConv3dFunction(torch.autograd.Function):
-    """Depthwise 'same' Conv3d (stride 1, odd kernel) whose backward runs as two forward convolutions."""
+    """Depthwise 'same' Conv3d (stride 1, odd kernel) whose backward runs as two forward convolutions.
+
+    Under CPU autocast (``bf16-mixed``) the backward runs in the forward's autocast state, so its convolutions
+    cast the saved float32 weight to the bfloat16 of the input and gradient, as the forward's did.
+    """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return F.conv3d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
