@@ -27,6 +27,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from epoch_clock import EpochClock
 from lightning.pytorch.callbacks import LearningRateMonitor
 from report import write_report
 
@@ -41,23 +42,6 @@ SETTINGS = {  # name -> overrides of experiments/phantom_unet.yaml
     "U-Net 48^3 (phantom_unet)": [],
     "small U-Net 32^3": ["data.patch_size=[32,32,32]", "model.unet.channels=[8,16,32]", "model.unet.strides=[2,2]"],
 }
-
-
-class EpochClock(L.Callback):
-    """Wall-clock seconds of the steps of every epoch after the first (on_train_epoch_start to on_train_epoch_end)."""
-
-    def __init__(self) -> None:
-        self.seconds, self.steps, self._start = 0.0, 0, 0.0
-
-    def on_train_epoch_start(self, trainer, module) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.steps += trainer.current_epoch > 0
-
-    def on_train_epoch_end(self, trainer, module) -> None:
-        if trainer.current_epoch > 0:
-            self.seconds += time.perf_counter() - self._start
 
 
 class Batches:

@@ -22,11 +22,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from epoch_clock import EpochClock
 from report import write_report
 
 from h3de.config import load_config, to_container
@@ -36,24 +36,6 @@ from h3de.module import LandmarkModule
 from h3de.networks import network_spec
 
 PER_PROCESS_BATCH = 2
-
-
-class EpochClock(L.Callback):
-    """Rank 0's wall-clock seconds and this process's volumes over the epochs after the first."""
-
-    def __init__(self) -> None:
-        self.seconds, self.volumes, self._start = 0.0, 0, 0.0
-
-    def on_train_epoch_start(self, trainer, module) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if trainer.current_epoch > 0:
-            self.volumes += len(batch["image"])
-
-    def on_train_epoch_end(self, trainer, module) -> None:
-        if trainer.current_epoch > 0:
-            self.seconds += time.perf_counter() - self._start
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -89,7 +71,7 @@ def worker(args: argparse.Namespace) -> None:
     )
     trainer.fit(module, datamodule=datamodule)
     if trainer.is_global_zero:
-        volumes = clock.volumes * trainer.world_size
+        volumes = clock.samples * trainer.world_size
         result = {"devices": devices, "volumes_per_s": volumes / clock.seconds}
         print("RESULT " + json.dumps(result), flush=True)
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from epoch_clock import EpochClock
 from lightning.pytorch.profilers import SimpleProfiler
 from report import write_report
 
@@ -25,24 +25,6 @@ from h3de.config import load_config, to_container
 from h3de.data.datamodule import LandmarkDataModule
 from h3de.data.phantom import generate_phantom
 from h3de.module import LandmarkModule
-
-
-class EpochClock(L.Callback):
-    """Wall-clock seconds and samples of every training epoch after the first."""
-
-    def __init__(self) -> None:
-        self.seconds, self.samples, self._start = 0.0, 0, 0.0
-
-    def on_train_epoch_start(self, trainer, module) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if trainer.current_epoch > 0:
-            self.samples += len(batch["image"])
-
-    def on_train_epoch_end(self, trainer, module) -> None:
-        if trainer.current_epoch > 0:
-            self.seconds += time.perf_counter() - self._start
 
 
 def measure(experiment: Path, epochs: int, workers: int) -> dict:

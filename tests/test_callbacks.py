@@ -15,18 +15,10 @@ from h3de.config import load_config
 from h3de.module import LandmarkModule
 from h3de.plots import qc_figure
 from h3de.train import train
+from tiny_configs import FAST_RUN
 from wandb_records import read_offline_run
 
-FAST = [
-    "data.patch_size=[16,16,16]",
-    "data.spacing_mm=[6,6,6]",
-    "data.batch_size=2",
-    "model.unet.channels=[8,16,32]",
-    "model.unet.strides=[2,2]",
-    "trainer.enable_progress_bar=false",
-    "trainer.log_every_n_steps=1",
-    "trainer.num_sanity_val_steps=0",
-]
+FAST = [*FAST_RUN, "trainer.log_every_n_steps=1"]
 
 
 @pytest.fixture

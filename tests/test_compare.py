@@ -15,17 +15,9 @@ from h3de.config import load_config
 from h3de.errors import H3deError
 from h3de.networks import build_network, network_params
 from h3de.train import train
+from tiny_configs import SMALL_RUN
 
-TINY = [
-    "data.patch_size=[32,32,32]",
-    "data.spacing_mm=[3,3,3]",
-    "data.batch_size=2",
-    "model.unet.channels=[8,16,32]",
-    "model.unet.strides=[2,2]",
-    "trainer.enable_progress_bar=false",
-    "trainer.num_sanity_val_steps=0",
-    "logger=csv",
-]
+TINY = [*SMALL_RUN, "trainer.num_sanity_val_steps=0", "logger=csv"]
 
 
 @pytest.fixture(scope="module")

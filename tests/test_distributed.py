@@ -18,16 +18,10 @@ from h3de.config import TrainerConfig
 from h3de.distributed import available_devices, world_size
 from h3de.errors import ConfigError
 from h3de.evaluate import evaluate
+from tiny_configs import TINY_UNET
 
-SMALL = [
-    "data.patch_size=[32,32,32]",
-    "data.spacing_mm=[3,3,3]",
-    "model.unet.channels=[8,16,32]",
-    "model.unet.strides=[2,2]",
-    "trainer.enable_progress_bar=false",
-    "trainer.num_sanity_val_steps=0",
-    "logger=csv",
-]
+SMALL = [*TINY_UNET, "data.patch_size=[32,32,32]", "data.spacing_mm=[3,3,3]", "trainer.num_sanity_val_steps=0"]
+SMALL += ["logger=csv"]
 DDP = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
 LAUNCH_ENV = ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "H3DE_RUN_DIR")
 

@@ -17,21 +17,11 @@ from h3de.cli import main
 from h3de.config import load_config
 from h3de.errors import ConfigError
 from h3de.loggers import build_loggers, resolve_logger, server_unreachable
+from tiny_configs import FAST_RUN
 from wandb_records import read_offline_run
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-FAST = [
-    "data.patch_size=[16,16,16]",
-    "data.spacing_mm=[6,6,6]",
-    "data.batch_size=2",
-    "model.unet.channels=[8,16,32]",
-    "model.unet.strides=[2,2]",
-    "trainer.enable_progress_bar=false",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.max_epochs=1",
-    "trainer.log_every_n_steps=1",
-    "logger.name=wandb",
-]
+FAST = [*FAST_RUN, "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "logger.name=wandb"]
 FAKE_KEY = "a" * 40  # a well-formed W&B API key that no server knows
 
 # Records every name lookup and every IP connection of a Python process (not its child processes) in $NET_LOG.

@@ -12,16 +12,9 @@ from h3de.cli import main
 from h3de.config import load_config
 from h3de.evaluate import evaluate, load_checkpoint
 from h3de.train import train
+from tiny_configs import SMALL_RUN
 
-SMALL = [
-    "data.patch_size=[32,32,32]",
-    "data.spacing_mm=[3,3,3]",
-    "data.batch_size=2",
-    "model.unet.channels=[8,16,32]",
-    "model.unet.strides=[2,2]",
-    "trainer.enable_progress_bar=false",
-    "trainer.log_every_n_steps=1",
-]
+SMALL = [*SMALL_RUN, "trainer.log_every_n_steps=1"]
 
 
 def small_cfg(blob_dataset, tmp_path, *overrides):

@@ -17,6 +17,7 @@ from h3de.data.images import read_header, read_volume
 from h3de.data.pipelines import LoadVolumed, build_transforms
 from h3de.errors import DataError
 from h3de.module import LandmarkModule
+from tiny_configs import SMALL_RUN
 
 SHAPE = (12, 10, 8)
 TO_RAS = {  # sign of each named space's axes relative to RAS
@@ -221,16 +222,7 @@ def test_nrrd_geometry_problems(tmp_path):
 
 # --- through the CLI: train and evaluate refuse the same inputs, with one line and exit 2 ---
 
-SMALL = [
-    "data.patch_size=[32,32,32]",
-    "data.spacing_mm=[3,3,3]",
-    "data.batch_size=2",
-    "model.unet.channels=[8,16,32]",
-    "model.unet.strides=[2,2]",
-    "trainer.enable_progress_bar=false",
-    "trainer.max_epochs=1",
-    "logger.name=csv",
-]
+SMALL = [*SMALL_RUN, "trainer.max_epochs=1", "logger.name=csv"]
 
 
 def spoil(path: Path, how: str) -> None:

@@ -19,16 +19,9 @@ from h3de.errors import ConfigError, H3deError
 from h3de.sweep import load_sweep, study
 from h3de.sweep.pruning import OptunaReport
 from h3de.train import train
+from tiny_configs import SMALL_RUN
 
-TINY = [
-    "data.patch_size=[32,32,32]",
-    "data.spacing_mm=[3,3,3]",
-    "data.batch_size=2",
-    "model.unet.channels=[8,16,32]",
-    "model.unet.strides=[2,2]",
-    "trainer.enable_progress_bar=false",
-    "trainer.num_sanity_val_steps=0",
-]
+TINY = [*SMALL_RUN, "trainer.num_sanity_val_steps=0"]
 
 
 def write_sweep(blob_dataset: Path, tmp_path: Path, logger: str = "csv", epochs: int = 2, **changes) -> Path:
