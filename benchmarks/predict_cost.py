@@ -2,8 +2,7 @@
 
 Speed: `h3de predict` on test cases of the 1 mm phantom (a 240 mm head, 262 x 262 x 157 voxels of about
 1 x 1 x 1.5 mm, 11 landmarks), for each experiment given, in a fresh process per experiment; seconds per
-volume of each part as `predict` measures them (summary.json), the loop's wall time over the cases (the next image is
-read while the network runs on the current one, so it is less than the parts' sum), and the command's wall time.
+volume of each part as `predict` measures them (summary.json), and the command's wall time.
 Memory: peak resident memory of a fresh `predict` process on a synthetic 512 x 512 x 300 CT-sized volume
 (0.7 x 0.7 x 1.0 mm, int16) with 14 landmarks, for each experiment.
 
@@ -11,7 +10,7 @@ Timing and memory do not depend on the weights, so the checkpoints are untrained
 configs (built here, as `h3de train` saves them).
 
     make data-fine
-    .venv/bin/python benchmarks/predict_cost.py [EXPERIMENT.yaml ...] [--cases 6] [--threads 2]
+    .venv/bin/python benchmarks/predict_cost.py [EXPERIMENT.yaml ...] [--cases 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -83,7 +82,7 @@ def ct_volume(folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiments", nargs="*", default=DEFAULT)
-    parser.add_argument("--cases", type=int, default=6, help="1 mm phantom test cases to time")
+    parser.add_argument("--cases", type=int, default=3, help="1 mm phantom test cases to time")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     phantom = Path("data/phantom_1mm/dataset.json")
@@ -108,9 +107,8 @@ def main() -> None:
             ckpt = checkpoint(experiment, names11, tmp / f"{stem}_11.ckpt")
             run_predict(ckpt, heads, tmp / f"warm_{stem}", args.threads)  # file caches warm, imports compiled
             report, wall = run_predict(ckpt, heads, tmp / f"out_{stem}", args.threads)
-            summary = json.loads((tmp / f"out_{stem}" / "summary.json").read_text())
-            parts = {k: summary["seconds"][k] / len(test) for k in (*PARTS, "waiting")}
-            speed.append((stem, parts, summary["seconds_total"] / len(test), wall / len(test)))
+            seconds = json.loads((tmp / f"out_{stem}" / "summary.json").read_text())["seconds"]
+            speed.append((stem, {k: seconds[k] / len(test) for k in PARTS}, wall / len(test)))
             ckpt = checkpoint(experiment, names14, tmp / f"{stem}_14.ckpt")
             report, wall = run_predict(ckpt, ct, tmp / f"ct_{stem}", args.threads)
             memory.append((stem, report["peak_gib"], wall))
@@ -124,22 +122,14 @@ def main() -> None:
         f"## Seconds per volume: {len(test)} test heads of data/phantom_1mm (240 mm field of view, about 262 x 262 x "
         "157 voxels of 1 x 1 x 1.5 mm, 11 landmarks)",
         "",
-        "| experiment | " + " | ".join(PARTS) + " | sum of parts | waiting for the read-ahead | loop wall time "
-        "| network share of the loop | command wall time |",
-        "|---|" + "---:|" * (len(PARTS) + 5),
+        "| experiment | " + " | ".join(PARTS) + " | total of parts | network share | command wall time per volume |",
+        "|---|" + "---:|" * (len(PARTS) + 3),
     ]
-    for stem, parts, loop, wall in speed:
-        total = sum(parts[k] for k in PARTS)
+    for stem, parts, wall in speed:
+        total = sum(parts.values())
         cells = " | ".join(f"{parts[k]:.2f}" for k in PARTS)
-        lines.append(
-            f"| {stem} | {cells} | {total:.2f} | {parts['waiting']:.2f} | {loop:.2f} "
-            f"| {100 * parts['network'] / loop:.0f}% | {wall:.2f} |"
-        )
+        lines.append(f"| {stem} | {cells} | {total:.2f} | {100 * parts['network'] / total:.0f}% | {wall:.2f} |")
     lines += [
-        "",
-        "Reading and preprocessing run in a background thread, one case ahead of the network, so only the part of "
-        "them that the network does not cover (waiting) adds to the loop's wall time; the first case's reading is "
-        "never covered. Everything but the network is the loop wall time less the network's share.",
         "",
         "The command's wall time also holds starting Python, importing torch and loading the checkpoint, once per "
         "command (divided over the volumes here).",

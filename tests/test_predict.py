@@ -104,40 +104,6 @@ def test_a_bad_case_in_a_folder_is_skipped_and_named(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["failures"].keys() == {"broken"}
 
 
-def test_the_next_image_is_read_while_the_network_runs_on_the_current_one(tmp_path, monkeypatch):
-    import threading
-    import time
-
-    import h3de.predict as predict_module
-
-    affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    for i in range(3):
-        write_one_blob(tmp_path, f"case_{i}", affine, (32, 32, 32), [16.0 + i, 15.0, 14.0])
-    ckpt = save_checkpoint(tmp_path / "probe.ckpt", C2F_PROBE, ["tip"])
-    events = []  # (what, case, thread)
-    read_and_prepare, detect = predict_module._read_and_prepare, predict_module.detect
-
-    def reading(read, prepare, case, image):
-        events.append(("read", case, threading.current_thread().name))
-        return read_and_prepare(read, prepare, case, image)
-
-    def detecting(module, sample, timings):
-        time.sleep(0.3)  # a slow network: the next case's reading finishes meanwhile
-        events.append(("network done", sample["case_id"], threading.current_thread().name))
-        return detect(module, sample, timings)
-
-    monkeypatch.setattr(predict_module, "_read_and_prepare", reading)
-    monkeypatch.setattr(predict_module, "detect", detecting)
-    result = predict(ckpt, tmp_path / "images", tmp_path / "out", progress=False)
-    assert result.case_ids == ["case_0", "case_1", "case_2"] and not result.failures
-    order = [(what, case) for what, case, _ in events]
-    assert order.index(("read", "case_1")) < order.index(("network done", "case_0"))
-    assert order.index(("read", "case_2")) < order.index(("network done", "case_1"))
-    assert {thread for what, _, thread in events if what == "read"} != {threading.main_thread().name}
-    assert result.timings["waiting"] < result.timings["reading"] + result.timings["preprocessing"]
-    assert 0.9 < result.seconds < 0.9 + 5.0  # three 0.3 s networks, the reading hidden behind them
-
-
 def test_bad_checkpoints_inputs_and_outputs_are_refused_before_any_output(tmp_path, capsys):
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     write_one_blob(tmp_path, "case", affine, (32, 32, 32), [16.0, 15.0, 14.0])

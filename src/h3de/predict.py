@@ -9,11 +9,7 @@ Writes into ``out_dir`` (each file atomically):
   (presence below the threshold) as missing, with each landmark's presence probability where the format has room;
 - ``<case>_qc.png`` with ``qc``: orthogonal slices through each prediction (and the ground truth, if given);
 - ``predictions.csv``: every case and landmark: position, presence, called present;
-- ``summary.json``: cases, failures (case -> message), seconds per part and of the whole loop over cases.
-
-In a folder, the next image is read and preprocessed in a background thread while the network runs on the current
-one, so reading (mostly decompression, which releases the GIL) hides behind the network; at most two scans are in
-memory at once.
+- ``summary.json``: cases, failures (case -> message), seconds per part.
 
 A case that fails (unreadable image, bad geometry) is reported and skipped; the others complete. When none
 succeeds, nothing is written (and an output folder made for the run is removed).
@@ -25,7 +21,6 @@ import json
 import sys
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +41,6 @@ __all__ = ["PredictResult", "predict", "FORMATS", "IMAGE_SUFFIXES", "case_id_of"
 FORMATS = ("mrk.json", "fcsv", "csv", "json")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 TIMED_PARTS = ("reading", "preprocessing", "network", "patches", "decoding", "writing")
-# "waiting": the loop blocked on the read-ahead thread, i.e. the reading and preprocessing not hidden behind the network
 
 
 @dataclass
@@ -56,8 +50,7 @@ class PredictResult:
     world: dict[str, np.ndarray]  # case -> (L, 3) RAS mm
     presence: dict[str, np.ndarray]  # case -> (L,)
     failures: dict[str, str] = field(default_factory=dict)  # case -> message
-    timings: dict[str, float] = field(default_factory=dict)  # part -> seconds over all cases (and "waiting")
-    seconds: float = 0.0  # wall time of the loop over cases
+    timings: dict[str, float] = field(default_factory=dict)  # part -> seconds over all cases
 
 
 def case_id_of(path: Path) -> str:
@@ -150,57 +143,39 @@ def predict(
     read, prepare = chain.transforms[0], Compose(chain.transforms[1:])
     names = module.landmark_names
 
-    result = PredictResult(out_dir, [], {}, {}, timings=dict.fromkeys((*TIMED_PARTS, "waiting"), 0.0))
-    cases = list(zip(ids, images, strict=True))
-    bar = tqdm(cases, desc="predict", unit="case", disable=not progress, file=sys.stderr)
-    loop_start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="h3de-read-ahead") as pool:
-        ahead: Future | None = pool.submit(_read_and_prepare, read, prepare, *cases[0])
-        for i, (case, _) in enumerate(bar):
-            current, ahead = ahead, None
-            if i + 1 < len(cases):  # queued behind the current one: read while the network runs
-                ahead = pool.submit(_read_and_prepare, read, prepare, *cases[i + 1])
-            try:
-                start = time.perf_counter()
-                loaded, sample, seconds = current.result()
-                result.timings["waiting"] += time.perf_counter() - start
-                for part, value in seconds.items():
-                    result.timings[part] += value
-                found = detect(module, sample, result.timings)
-                start = time.perf_counter()
-                world, presence = found.world.numpy(), found.presence.numpy()
-                called = presence >= presence_threshold
-                written = np.where(called[:, None], world, np.nan)
-                if qc:
-                    truth_file = truth_files.get(case)
-                    _write_qc(out_dir / f"{case}_qc.png", sample, loaded, cfg, case, names, world, presence, truth_file)
-                write_landmarks(out_dir / f"{case}.{fmt}", names, written, presence)  # last: its file means success
-                result.timings["writing"] += time.perf_counter() - start
-            except Exception as e:  # one bad case must not stop the others
-                cause = root_cause(e)
-                result.failures[case] = str(cause) if cause is not e else f"{type(e).__name__}: {e}"
-                if len(images) > 1:
-                    bar.write(f"h3de: {case}: skipped: {result.failures[case]}", file=sys.stderr)
-                continue
-            finally:
-                del current
-            result.case_ids.append(case)
-            result.world[case], result.presence[case] = world, presence
-    result.seconds = time.perf_counter() - loop_start
+    result = PredictResult(out_dir, [], {}, {}, timings=dict.fromkeys(TIMED_PARTS, 0.0))
+    bar = tqdm(list(zip(ids, images, strict=True)), desc="predict", unit="case", disable=not progress, file=sys.stderr)
+    for case, image in bar:
+        try:
+            start = time.perf_counter()
+            loaded = read({"image": str(image), "case_id": case})
+            result.timings["reading"] += time.perf_counter() - start
+            start = time.perf_counter()
+            sample = prepare(loaded)
+            result.timings["preprocessing"] += time.perf_counter() - start
+            found = detect(module, sample, result.timings)
+            start = time.perf_counter()
+            world, presence = found.world.numpy(), found.presence.numpy()
+            called = presence >= presence_threshold
+            written = np.where(called[:, None], world, np.nan)
+            if qc:
+                truth_file = truth_files.get(case)
+                _write_qc(out_dir / f"{case}_qc.png", sample, loaded, cfg, case, names, world, presence, truth_file)
+            write_landmarks(out_dir / f"{case}.{fmt}", names, written, presence)  # last: a case's file means success
+            result.timings["writing"] += time.perf_counter() - start
+        except Exception as e:  # one bad case must not stop the others
+            cause = root_cause(e)
+            result.failures[case] = str(cause) if cause is not e else f"{type(e).__name__}: {e}"
+            if len(images) > 1:
+                bar.write(f"h3de: {case}: skipped: {result.failures[case]}", file=sys.stderr)
+            continue
+        result.case_ids.append(case)
+        result.world[case], result.presence[case] = world, presence
     if result.case_ids:
         _write_summary(result, names, presence_threshold, checkpoint, fmt)
     elif created and not any(out_dir.iterdir()):
         out_dir.rmdir()  # nothing succeeded: leave no output folder behind
     return result
-
-
-def _read_and_prepare(read, prepare, case: str, image: Path) -> tuple[dict, dict, dict[str, float]]:
-    """(the image as read, the prepared sample, seconds of "reading" and "preprocessing") of one case."""
-    start = time.perf_counter()
-    loaded = read({"image": str(image), "case_id": case})
-    middle = time.perf_counter()
-    sample = prepare(loaded)
-    return loaded, sample, {"reading": middle - start, "preprocessing": time.perf_counter() - middle}
 
 
 def _write_qc(path, sample, loaded, cfg, case: str, names, world, presence, truth_file: Path | None) -> None:
@@ -240,6 +215,5 @@ def _write_summary(result: PredictResult, names, threshold: float, checkpoint, f
         "cases": result.case_ids,
         "failures": result.failures,
         "seconds": {k: round(v, 4) for k, v in result.timings.items()},
-        "seconds_total": round(result.seconds, 4),
     }
     atomic_write(result.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
