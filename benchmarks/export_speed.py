@@ -13,6 +13,7 @@ between the two predictions' landmarks. Both run on the CPU with the same thread
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    load = os.getloadavg()[0]  # before this script's own work
     torch.set_num_threads(args.threads)  # onnxruntime takes the same number (h3de.exported)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,8 +100,9 @@ def main() -> None:
         "",
         f"{platform.machine()}, {args.threads} CPU threads for both, torch {torch.__version__}, onnxruntime "
         f"{onnxruntime.__version__}; one synthetic 200 x 220 x 160 volume of 1.2 mm, 11 landmarks, untrained models "
-        f"of the experiments' configs; median of {args.repeats} runs after a warm-up, the two alternating (the machine "
-        "was shared with other jobs: compare the columns side by side).",
+        f"of the experiments' configs; median of {args.repeats} runs after a warm-up, the two alternating; the "
+        f"machine's 1-minute load average was {load:.1f} as the runs started (other jobs slow PyTorch's OpenMP "
+        "threads far more than onnxruntime's: compare on a quiet machine).",
         "",
         "| experiment | network: PyTorch (s) | network: ONNX (s) | PyTorch / ONNX | predict: PyTorch (s) | "
         "predict: ONNX (s) | PyTorch / ONNX | export (s) | largest landmark difference (mm) |",
