@@ -93,15 +93,15 @@ def test_truncated_image_data_fails_at_caching_naming_the_file(blob_dataset):
     assert str(path) in str(info.value)
 
 
-def test_batch_is_divided_over_devices(blob_dataset):
+def test_batch_is_divided_over_devices(odd_val_dataset):  # 3 val cases: one per process at least
     class FakeTrainer:
         world_size = 2
 
-    dm = datamodule(blob_dataset, "data.batch_size=4")
+    dm = datamodule(odd_val_dataset, "data.batch_size=4")
     dm.trainer = FakeTrainer()
     dm.setup("validate")
     assert dm.batch_size_per_device == 2
-    dm = datamodule(blob_dataset, "data.batch_size=3")
+    dm = datamodule(odd_val_dataset, "data.batch_size=3")
     dm.trainer = FakeTrainer()
     with pytest.raises(DataError, match="data.batch_size=3 is not divisible by the device count"):
         dm.setup("validate")
