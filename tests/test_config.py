@@ -54,11 +54,15 @@ def test_defaults_file_and_overrides_merge_in_order(tmp_path):
         ("data.augment.contrast_gamma=[0,1]", "data.augment.contrast_gamma"),
         ("data.augment.contrast_gamma=[1.5,0.7]", "data.augment.contrast_gamma"),
         ("no_equals_sign", "key=value"),
+        (
+            "model=h3de_net_anchor loss=anchor data.patch_size=[128,128,64] detection.mode=sliding_window",
+            "sliding_window needs a heatmap network",
+        ),
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("(", r"\(")):
-        load_config(None, [override])
+        load_config(None, override.split())
 
 
 def test_step_and_time_budgets(tmp_path):

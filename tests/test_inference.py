@@ -86,9 +86,10 @@ def test_a_sliding_window_covering_the_volume_equals_whole_volume_inference(tmp_
     assert torch.allclose(results[0].presence, results[1].presence, atol=1e-5)
 
 
-def test_sliding_window_decodes_landmarks_in_chunks_within_the_memory_budget(tmp_path, blob_dataset):
+@pytest.mark.parametrize("loss", ["weighted_mse", "spatial_ce"])  # spatial_ce: per-landmark absent logits
+def test_sliding_window_decodes_landmarks_in_chunks_within_the_memory_budget(tmp_path, blob_dataset, loss):
     names = ["a_L", "a_R", "top", "front"]
-    common = ["loss=weighted_mse", "model.unet.channels=[4,8]", "model.unet.strides=[2]", "data.spacing_mm=[2,2,2]"]
+    common = [f"loss={loss}", "model.unet.channels=[4,8]", "model.unet.strides=[2]", "data.spacing_mm=[2,2,2]"]
     common += ["detection.mode=sliding_window", "data.patch_size=[16,16,16]"]
     roomy = load_checkpoint(save_checkpoint(tmp_path / "a.ckpt", common, names))
     # a budget that holds the maps of one landmark at a time (the volume is ~ 44 x 40 x 40 voxels at 2 mm)

@@ -515,6 +515,11 @@ def _validate_detection(cfg: DictConfig) -> None:
     for key in ("local.offset_mm", "local.rotate_deg"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key} must not be negative, got {OmegaConf.select(cfg, key)}")
+    if mode == "sliding_window" and network_spec(cfg.model.name).output != "heatmap":
+        raise ConfigError(
+            f"detection.mode=sliding_window needs a heatmap network, and model.name='{cfg.model.name}' gives anchor "
+            "maps (windows are blended per landmark map): use detection.mode=whole or coarse_to_fine"
+        )
     if mode != "coarse_to_fine":
         return
     local = cfg.local

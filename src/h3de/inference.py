@@ -127,7 +127,7 @@ def _sliding_window(module: Any, x: torch.Tensor, clock: _Stopwatch) -> tuple[to
                 device=torch.device("cpu"),
             )
         with clock("decoding"):
-            voxel, presence = module.readout.decode(output)
+            voxel, presence = module.readout.decode(output, torch.arange(channels.start, channels.stop))
         positions.append(voxel)
         scores.append(presence)
         del output

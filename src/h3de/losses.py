@@ -46,8 +46,9 @@ class WeightedMSELoss(nn.Module):
     def decodable(self, output: torch.Tensor) -> torch.Tensor:
         return output
 
-    def presence(self, output: torch.Tensor) -> torch.Tensor:
-        """(B, L) heatmap peak relative to the target peak, clamped to [0, 1]."""
+    def presence(self, output: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) heatmap peak relative to the target peak, clamped to [0, 1] (``landmarks``: unused, no
+        per-landmark values)."""
         return (output.detach().float().flatten(2).amax(-1) / self.target_scale).clamp(0.0, 1.0)
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,16 +93,19 @@ class SpatialCrossEntropyLoss(nn.Module):
     def decodable(self, output: torch.Tensor) -> torch.Tensor:
         return output
 
-    def presence_logit(self, output: torch.Tensor) -> torch.Tensor:
-        """(B, L) fp32 ``z = logsumexp(x) - log N - absent_logit`` of (B, L, D, H, W) logits."""
+    def presence_logit(self, output: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) fp32 ``z = logsumexp(x) - log N - absent_logit`` of (B, L, D, H, W) logits; ``landmarks`` (L,)
+        are the indices of the landmarks of ``output``'s channels (default: all, in order)."""
+        absent = self.absent_logit if landmarks is None else self.absent_logit[landmarks]
         with torch.autocast(device_type=output.device.type, enabled=False):
             flat = output.float().flatten(2)  # (B, L, N)
             log_voxels = self.train_log_voxels if torch.isfinite(self.train_log_voxels) else math.log(flat.shape[-1])
-            return torch.logsumexp(flat, dim=-1) - log_voxels - self.absent_logit.float()
+            return torch.logsumexp(flat, dim=-1) - log_voxels - absent.float()
 
-    def presence(self, output: torch.Tensor) -> torch.Tensor:
-        """(B, L) probability that the landmark is in the volume, ``sigmoid(z)``."""
-        return torch.sigmoid(self.presence_logit(output.detach())).detach()
+    def presence(self, output: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) probability that the landmark is in the volume, ``sigmoid(z)`` (``landmarks``: as
+        :meth:`presence_logit`)."""
+        return torch.sigmoid(self.presence_logit(output.detach(), landmarks)).detach()
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """prediction (logits), target: (B, L, D, H, W); mask: (B, L) bool. Returns a scalar."""
@@ -150,8 +154,8 @@ class BallHardNegativeLoss(nn.Module):
     def decodable(self, output: torch.Tensor) -> torch.Tensor:
         return F.logsigmoid(output.float())
 
-    def presence(self, output: torch.Tensor) -> torch.Tensor:
-        """Sigmoid of each landmark's highest logit."""
+    def presence(self, output: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """Sigmoid of each landmark's highest logit (``landmarks``: unused, no per-landmark values)."""
         return torch.sigmoid(output.detach().float().flatten(2).amax(-1))
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

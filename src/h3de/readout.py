@@ -38,11 +38,13 @@ class HeatmapReadout(nn.Module):
     def loss(self, output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return self.criterion(output, batch["heatmap"], batch["loss_mask"])
 
-    def decode(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """((B, L, 3) voxel positions, (B, L) presence probability)."""
+    def decode(self, output: torch.Tensor, landmarks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B, L, 3) voxel positions, (B, L) presence probability) of the maps ``output``, whose channels are the
+        landmarks of the indices ``landmarks`` ((L,) long; default: all, in order; a sliding window decodes the
+        landmarks in chunks)."""
         decodable = self.criterion.decodable(output.detach())
         voxels = decode_heatmaps(decodable, log_input=self.criterion.log_domain)
-        return voxels, self.criterion.presence(output)
+        return voxels, self.criterion.presence(output, landmarks)
 
 
 class AnchorReadout(nn.Module):
