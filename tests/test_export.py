@@ -14,7 +14,7 @@ from h3de.cli import main
 from h3de.errors import H3deError
 from h3de.evaluate import load_checkpoint
 from h3de.export import export
-from h3de.exported import METADATA_FILE
+from h3de.deploy.bundle import METADATA_FILE
 from h3de.predict import predict
 from inference_helpers import save_checkpoint, write_one_blob
 
@@ -47,9 +47,10 @@ def test_both_stages_are_exported_and_agree_with_pytorch_at_two_sizes(tmp_path, 
     result = export(tmp_path / "run", fmt)  # a run directory: its checkpoints/best.ckpt
     assert result.out_dir == tmp_path / "run" / f"export_{fmt}"
     suffix = {"onnx": "onnx", "torchscript": "pt"}[fmt]
-    assert {k: p.name for k, p in result.files.items()} == {"global": f"global.{suffix}", "local": f"local.{suffix}"}
+    graphs = ["global", "local", "decode_global", "decode_local"]
+    assert {k: p.name for k, p in result.files.items()} == {g: f"{g}.{suffix}" for g in graphs}
     assert sorted(p.name for p in result.out_dir.iterdir()) == sorted(
-        [f"global.{suffix}", f"local.{suffix}", METADATA_FILE]
+        [*(f"{g}.{suffix}" for g in graphs), METADATA_FILE]
     )
     shapes = [(c["stage"], c["input_shape"]) for c in result.checks]
     assert shapes == [
@@ -57,6 +58,10 @@ def test_both_stages_are_exported_and_agree_with_pytorch_at_two_sizes(tmp_path, 
         ("global", [2, 1, 19, 21, 23]),
         ("local", [1, 1, 12, 12, 12]),
         ("local", [2, 1, 15, 17, 19]),
+        ("decode_global", [1, 3, 16, 16, 16]),  # the network's maps of those inputs
+        ("decode_global", [2, 3, 19, 21, 23]),
+        ("decode_local", [1, 1, 12, 12, 12]),  # the conditioned design: one map, asked for one landmark
+        ("decode_local", [2, 1, 15, 17, 19]),
     ]
     assert all(c["max_abs_diff"] < 1e-4 for c in result.checks)
 
@@ -67,7 +72,8 @@ def test_both_stages_are_exported_and_agree_with_pytorch_at_two_sizes(tmp_path, 
     assert meta["detection"]["mode"] == "coarse_to_fine" and meta["local"]["design"] == "conditioned"
     assert meta["local"]["spacing_mm"] == [1.0, 1.0, 1.0] and meta["presence_threshold"] == 0.5
     assert meta["stages"]["local"]["inputs"] == ["image", "landmark"]
-    assert len(meta["readout_state"]["global"]["criterion.absent_logit"]) == len(NAMES)
+    assert meta["stages"]["decode_global"]["inputs"] == ["maps", "landmark"]
+    assert meta["stages"]["decode_global"]["outputs"] == ["voxel", "presence"]
     assert meta["stages"]["global"]["checks"][1]["input_shape"] == [2, 1, 19, 21, 23]
 
     # a third size, run here directly: the graph is not tied to the sizes it was checked at
@@ -117,7 +123,10 @@ def test_h3de_net_exports_with_dynamic_sizes(tmp_path, regions):
     result = export(ckpt, "onnx", tmp_path / "export")
     # the network's padding to its stride 32, V-BRA's to whole regions and (region_size) its region count are
     # computed from the input's shape in the graph: an odd size works
-    assert [c["input_shape"] for c in result.checks] == [[1, 1, 64, 64, 32], [2, 1, 67, 69, 39]]
+    assert [c["input_shape"] for c in result.checks if c["stage"] == "global"] == [
+        [1, 1, 64, 64, 32],
+        [2, 1, 67, 69, 39],
+    ]
     assert all(c["max_abs_diff"] < 1e-4 for c in result.checks)
 
 
@@ -126,7 +135,8 @@ def test_the_cli_exports_and_prints_the_differences(tmp_path, capsys):
     assert main(["export", str(tmp_path / "run"), "--format", "onnx", "--out", str(tmp_path / "e")]) == 0
     out = capsys.readouterr().out
     assert "global: input 1x1x16x16x16: max abs diff to PyTorch" in out
-    assert "global: input 2x1x19x21x23" in out and f"exported global.onnx to {tmp_path / 'e'}" in out
+    assert "global: input 2x1x19x21x23" in out and "decode_global: input 2x3x19x21x23" in out
+    assert f"exported global.onnx, decode_global.onnx to {tmp_path / 'e'}" in out
 
 
 def test_bad_input_is_refused_with_one_line_and_nothing_written(tmp_path, capsys):
@@ -158,9 +168,11 @@ def test_an_export_is_replaced_whole_and_predict_refuses_one_without_its_json(tm
     out = tmp_path / "export"
     export(ckpt, "torchscript", out)
     export(ckpt, "onnx", out)  # an earlier export is replaced, not mixed
-    assert sorted(p.name for p in out.iterdir()) == ["global.onnx", METADATA_FILE]
+    assert sorted(p.name for p in out.iterdir()) == ["decode_global.onnx", "global.onnx", METADATA_FILE]
     (out / METADATA_FILE).unlink()
-    with pytest.raises(H3deError, match=f"holds exported networks \\(global.onnx\\) but no {METADATA_FILE}"):
+    with pytest.raises(
+        H3deError, match=f"holds exported networks \\(decode_global.onnx, global.onnx\\) but no {METADATA_FILE}"
+    ):
         predict(out, tmp_path / "data" / "images", tmp_path / "pred", progress=False)
     (out / METADATA_FILE).write_text("{")
     with pytest.raises(H3deError, match="cannot be read as JSON"):

@@ -14,18 +14,22 @@ default dynamo exporter (it needs onnxscript) took minutes instead of seconds fo
 size of its graph at the example's, so onnxruntime refused a batch of 2. TorchScript uses ``torch.jit.trace``. In
 both, sizes computed from the input's shape are recorded as graph operations, so the graphs hold at other sizes.
 
-The folder holds ``global.<onnx|pt>`` (and ``local.<onnx|pt>``) and ``h3de_export.json``: everything
-``h3de predict`` needs besides the networks (the resolved config, with the preprocessing: spacing, patch size,
-normalisation; the landmark names; mirrored pairs; the presence threshold; the detection mode and its parameters;
-the readouts' learned values: spatial_ce's absent logits) and the checks. It is written whole, then swapped in
-(``io_utils.atomic_dir``).
+Each network's decoding (its readout's ``decode``: sub-voxel peak and presence, or the anchors' vote) is exported too,
+as a graph of its own (``decode_global``, ``decode_local``), checked the same way on the network's outputs: the export
+carries the code that validation decodes with, so ``h3de predict`` runs an ONNX export without torch
+(:mod:`h3de.deploy`). A heatmap decoding takes the landmark index of each map channel as a second input (a sliding
+window decodes the landmarks in chunks; spatial_ce's absent logits are per landmark).
+
+The folder holds ``global.<onnx|pt>``, ``decode_global`` (and ``local``, ``decode_local``) and ``h3de_export.json``:
+everything ``h3de predict`` needs besides the graphs (the resolved config, with the preprocessing: spacing, patch size,
+normalisation; the landmark names; mirrored pairs; the presence threshold; the detection mode and its parameters)
+and the checks. It is written whole, then swapped in (``io_utils.atomic_dir``).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
-import math
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -33,29 +37,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from h3de.deploy.bundle import EXPORT_VERSION, METADATA_FILE, SUFFIXES, load_graph
 from h3de.errors import H3deError
 from h3de.evaluate import load_checkpoint, resolve_checkpoint
-from h3de.exported import METADATA_FILE, SUFFIXES, load_stage
 from h3de.io_utils import atomic_dir
 from h3de.module import LandmarkModule
+from h3de.readout import HeatmapReadout
 
 __all__ = ["FORMATS", "ExportResult", "export"]
 
 FORMATS = ("onnx", "torchscript")
-EXPORT_VERSION = 1
 ONNX_OPSET = 17
 TOLERANCE = 1e-3  # relative to max(1, the largest |output|)
 
 
 @dataclass
 class _Stage:
-    name: str  # "global" | "local"
+    name: str  # "global" | "local" | "decode_global" | "decode_local"
     network: nn.Module
     input_names: list[str]
+    output_names: list[str]
     examples: list[tuple[torch.Tensor, ...]]  # the export's example first, then a second size
+    dynamic: dict[str, dict[int, str]]  # input or output name -> its axes that vary (ONNX)
+
+
+class _Decoding(nn.Module):
+    """A readout's ``decode`` as a module of its own: maps (B, C, ...) (and, for heatmaps, the landmark index (C,)
+    of each channel) in; (B, C, 3) voxel positions and (B, C) presence out."""
+
+    def __init__(self, readout: nn.Module) -> None:
+        super().__init__()
+        self.readout = readout
+
+    def forward(self, maps: torch.Tensor, landmark: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.readout.decode(maps) if landmark is None else self.readout.decode(maps, landmark)
 
 
 @dataclass
@@ -96,9 +115,14 @@ def export(checkpoint: str | Path, fmt: str = "onnx", out_dir: str | Path | None
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer and deprecation warnings: the checks below decide
                 _EXPORTERS[fmt](stage, path)
-            runner = load_stage(path, fmt, stage.input_names)
+            runner = load_graph(path, fmt, stage.input_names)
             checks = [_check(stage, runner, inputs, fmt) for inputs in stage.examples]
-            metadata["stages"][stage.name] = {"file": path.name, "inputs": stage.input_names, "checks": checks}
+            metadata["stages"][stage.name] = {
+                "file": path.name,
+                "inputs": stage.input_names,
+                "outputs": stage.output_names,
+                "checks": checks,
+            }
             result.files[stage.name] = out_dir / path.name
             result.checks += [{"stage": stage.name, **c} for c in checks]
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
@@ -128,7 +152,8 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def _stages(module: LandmarkModule) -> list[_Stage]:
-    """The networks to export with two example inputs each: (1, 1, *patch) and (2, 1, *larger odd size)."""
+    """The graphs to export, each with two example inputs: the networks at (1, 1, *patch) and (2, 1, *larger odd
+    size), then their decodings on the networks' outputs for those inputs."""
     generator = torch.Generator().manual_seed(0)
 
     def images(size: list[int]) -> list[torch.Tensor]:
@@ -136,28 +161,58 @@ def _stages(module: LandmarkModule) -> list[_Stage]:
         return [torch.randn(batch, 1, *shape, generator=generator) for batch, shape in ((1, size), (2, other))]
 
     cfg = module.cfg
-    stages = [_Stage("global", module.network, ["image"], [(x,) for x in images(list(cfg.data.patch_size))])]
+    image = {"image": {0: "batch", 2: "depth", 3: "height", 4: "width"}}
+    output = {"output": {0: "batch", 2: "out_depth", 3: "out_height", 4: "out_width"}}
+    stages = [
+        _Stage(
+            "global",
+            module.network,
+            ["image"],
+            ["output"],
+            [(x,) for x in images(list(cfg.data.patch_size))],
+            {**image, **output},
+        )
+    ]
     if module.local_network is not None:
         patches = images(list(cfg.local.patch_size))
         if cfg.local.design == "conditioned":
             count = len(module.landmark_names)
             examples = [(x, torch.arange(len(x)) % count) for x in patches]
-            stages.append(_Stage("local", module.local_network, ["image", "landmark"], examples))
+            dynamic = {**image, "landmark": {0: "batch"}, **output}
+            stages.append(_Stage("local", module.local_network, ["image", "landmark"], ["output"], examples, dynamic))
         else:
-            stages.append(_Stage("local", module.local_network, ["image"], [(x,) for x in patches]))
-    return stages
+            stages.append(
+                _Stage(
+                    "local", module.local_network, ["image"], ["output"], [(x,) for x in patches], {**image, **output}
+                )
+            )
+    readouts = {"global": module.readout, "local": module.local_readout}
+    return stages + [_decoding(stage, readouts[stage.name]) for stage in stages]
+
+
+def _decoding(stage: _Stage, readout: nn.Module) -> _Stage:
+    """The decoding of ``stage``'s network, with its outputs on the stage's examples as examples."""
+    heatmap = isinstance(readout, HeatmapReadout)
+    with torch.no_grad():
+        maps = [stage.network(*inputs) for inputs in stage.examples]
+    examples = [(m, torch.arange(m.shape[1])) if heatmap else (m,) for m in maps]
+    dynamic = {"maps": {0: "batch", 2: "depth", 3: "height", 4: "width"}}
+    dynamic |= {"voxel": {0: "batch", 1: "landmarks"}, "presence": {0: "batch", 1: "landmarks"}}
+    if heatmap:  # one map per landmark: any number of them (the chunks of a sliding window)
+        dynamic["maps"][1] = "landmarks"
+        dynamic["landmark"] = {0: "landmarks"}
+    names = ["maps", "landmark"] if heatmap else ["maps"]
+    return _Stage(f"decode_{stage.name}", _Decoding(readout), names, ["voxel", "presence"], examples, dynamic)
 
 
 def _export_onnx(stage: _Stage, path: Path) -> None:
-    dynamic = {"image": {0: "batch", 2: "depth", 3: "height", 4: "width"}, "landmark": {0: "batch"}}
-    dynamic["output"] = {0: "batch", 2: "out_depth", 3: "out_height", 4: "out_width"}
     torch.onnx.export(
         stage.network,
         stage.examples[0],
         str(path),
         input_names=stage.input_names,
-        output_names=["output"],
-        dynamic_axes={k: v for k, v in dynamic.items() if k in stage.input_names or k == "output"},
+        output_names=stage.output_names,
+        dynamic_axes=stage.dynamic,
         opset_version=ONNX_OPSET,
         dynamo=False,
     )
@@ -171,21 +226,29 @@ def _export_torchscript(stage: _Stage, path: Path) -> None:
 _EXPORTERS: dict[str, Callable[[_Stage, Path], None]] = {"onnx": _export_onnx, "torchscript": _export_torchscript}
 
 
-def _check(stage: _Stage, runner: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], fmt: str) -> dict:
-    """The export against PyTorch on ``inputs``: {input_shape, max_abs_diff}; H3deError when they disagree."""
+def _check(stage: _Stage, runner: Callable[..., tuple], inputs: tuple[torch.Tensor, ...], fmt: str) -> dict:
+    """The export against PyTorch on ``inputs``: {input_shape, max_abs_diff} (over every output); H3deError when
+    they disagree."""
     with torch.no_grad():
-        expected = stage.network(*inputs).float()
-        found = runner(*inputs).float()
+        expected = stage.network(*inputs)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    found = runner(*(x.numpy() for x in inputs))
     shape = list(inputs[0].shape)
-    if found.shape != expected.shape:
-        raise H3deError(
-            f"{stage.name} stage: the {fmt} export gives an output of shape {list(found.shape)} for an input of "
-            f"{shape}, PyTorch {list(expected.shape)}"
-        )
-    diff = float((found - expected).abs().max())
-    limit = TOLERANCE * max(1.0, float(expected.abs().max()))
-    if not diff <= limit:  # also NaN
-        raise H3deError(f"{stage.name} stage: the {fmt} export differs from PyTorch by {diff:.3g} at input {shape}")
+    diff = 0.0
+    for name, want, got in zip(stage.output_names, expected, found, strict=True):
+        want, got = want.float(), torch.from_numpy(np.asarray(got)).float()
+        if got.shape != want.shape:
+            raise H3deError(
+                f"{stage.name}: the {fmt} export gives an {name} of shape {list(got.shape)} for an input of "
+                f"{shape}, PyTorch {list(want.shape)}"
+            )
+        difference = float((got - want).abs().max()) if want.numel() else 0.0
+        limit = TOLERANCE * max(1.0, float(want.abs().max()) if want.numel() else 1.0)
+        if not difference <= limit:  # also NaN
+            raise H3deError(
+                f"{stage.name}: the {fmt} export's {name} differs from PyTorch by {difference:.3g} at input {shape}"
+            )
+        diff = max(diff, difference)
     return {"input_shape": shape, "max_abs_diff": diff}
 
 
@@ -195,9 +258,6 @@ def _metadata(module: LandmarkModule, checkpoint: Path, fmt: str) -> dict[str, A
     if module.local_network is not None:
         local = {k: config["local"][k] for k in ("design", "spacing_mm", "patch_size", "heatmap_sigma")}
         local["model"] = cfg.local.model.name
-    readouts = {"global": _state(module.readout)}
-    if module.local_readout is not None:
-        readouts["local"] = _state(module.local_readout)
     return {
         "h3de_export": EXPORT_VERSION,
         "format": fmt,
@@ -214,21 +274,9 @@ def _metadata(module: LandmarkModule, checkpoint: Path, fmt: str) -> dict[str, A
         "local": local,
         "model": cfg.model.name,
         "stages": {},
-        "readout_state": readouts,
         "config": config,
         "versions": {p: _version(p) for p in ("h3de", "torch", "onnx", "onnxruntime", "monai")},
     }
-
-
-def _state(readout: nn.Module) -> dict[str, Any]:
-    """A readout's parameters and buffers as JSON (lists of floats, NaN as null)."""
-    return {k: _nan_to_none(v.detach().cpu().double().tolist()) for k, v in readout.state_dict().items()}
-
-
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _mirrored_pairs(config: dict, names: list[str]) -> list[list[str]] | None:

@@ -99,7 +99,10 @@ class SpatialCrossEntropyLoss(nn.Module):
         absent = self.absent_logit if landmarks is None else self.absent_logit[landmarks]
         with torch.autocast(device_type=output.device.type, enabled=False):
             flat = output.float().flatten(2)  # (B, L, N)
-            log_voxels = self.train_log_voxels if torch.isfinite(self.train_log_voxels) else math.log(flat.shape[-1])
+            if torch.isfinite(self.train_log_voxels):  # a trained model's: a constant of the model
+                log_voxels = self.train_log_voxels
+            else:  # untrained: log N of this output, as a tensor op so that an exported graph holds at any size
+                log_voxels = torch.ones_like(flat[0, 0]).sum().log()
             return torch.logsumexp(flat, dim=-1) - log_voxels - absent.float()
 
     def presence(self, output: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """``predict(checkpoint, inputs, out_dir)``: landmarks of new scans, no ground truth needed.
 
-Each image (NIfTI or NRRD, any orientation, spacing and size) goes through the experiment's inference chain
-(:func:`h3de.data.pipelines.build_inference_transforms`) and :func:`h3de.inference.detect`, the path that
-validation and ``evaluate`` take. Positions are in the original image's world space (RAS mm).
+Each image (NIfTI or NRRD, any orientation, spacing and size) goes through the model's inference path: from a
+checkpoint, the experiment's inference chain and :func:`h3de.inference.detect`, the path that validation and
+``evaluate`` take (:class:`h3de.checkpoint_runner.CheckpointRunner`); from an ``h3de export`` folder, the same steps
+in numpy on the exported graphs, without torch for ONNX (:class:`h3de.deploy.runtime.ExportRunner`). Positions are in
+the original image's world space (RAS mm). This module imports neither torch nor MONAI.
 
 Writes into ``out_dir`` (each file atomically):
 - ``<case>.<format>``: the landmarks (``mrk.json``, ``fcsv``, ``csv`` or ``json``), those called absent
@@ -25,15 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from monai.transforms import Compose
 from tqdm import tqdm
 
 from h3de.data.landmark_io import LANDMARK_SUFFIXES, read_landmarks, write_landmarks
-from h3de.data.pipelines import build_inference_transforms
+from h3de.deploy.bundle import is_export
 from h3de.errors import H3deError, root_cause
-from h3de.exported import load_model
-from h3de.inference import detect
 from h3de.io_utils import atomic_write, csv_text
 
 __all__ = ["PredictResult", "predict", "FORMATS", "IMAGE_SUFFIXES", "case_id_of"]
@@ -110,8 +108,8 @@ def predict(
 
     Args:
         checkpoint: a ``.ckpt`` written by ``h3de train``, a run directory or ``runs/<experiment>/latest``
-            (:func:`h3de.evaluate.resolve_checkpoint`), or a folder written by ``h3de export`` (its networks run
-            by onnxruntime or TorchScript: :mod:`h3de.exported`).
+            (:func:`h3de.evaluate.resolve_checkpoint`), or a folder written by ``h3de export`` (its graphs run
+            by onnxruntime or TorchScript: :mod:`h3de.deploy`).
         inputs: an image file, or a folder of them (``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``).
         out_dir: output folder (created).
         fmt: landmark file format: ``mrk.json``, ``fcsv``, ``csv`` or ``json``.
@@ -133,34 +131,30 @@ def predict(
     ids = [case_id_of(p) for p in images]
     if len(set(ids)) != len(ids):
         raise H3deError(f"{inputs}: several images share a case id (file name without suffix)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module, checkpoint = load_model(checkpoint, device)  # a checkpoint, or an h3de export folder
+    runner = _runner(checkpoint)
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     _check_writable(out_dir)
-    cfg = module.cfg
-    chain = build_inference_transforms(cfg.data, cfg.detection, with_landmarks=False)
-    read, prepare = chain.transforms[0], Compose(chain.transforms[1:])
-    names = module.landmark_names
+    names = runner.landmark_names
 
     result = PredictResult(out_dir, [], {}, {}, timings=dict.fromkeys(TIMED_PARTS, 0.0))
     bar = tqdm(list(zip(ids, images, strict=True)), desc="predict", unit="case", disable=not progress, file=sys.stderr)
     for case, image in bar:
         try:
             start = time.perf_counter()
-            loaded = read({"image": str(image), "case_id": case})
+            loaded = runner.read(image, case)
             result.timings["reading"] += time.perf_counter() - start
             start = time.perf_counter()
-            sample = prepare(loaded)
+            sample = runner.prepare(loaded)
             result.timings["preprocessing"] += time.perf_counter() - start
-            found = detect(module, sample, result.timings)
+            world, presence = runner.detect(sample, result.timings)
             start = time.perf_counter()
-            world, presence = found.world.numpy(), found.presence.numpy()
             called = presence >= presence_threshold
             written = np.where(called[:, None], world, np.nan)
             if qc:
                 truth_file = truth_files.get(case)
-                _write_qc(out_dir / f"{case}_qc.png", sample, loaded, cfg, case, names, world, presence, truth_file)
+                volume, affine = runner.qc_volume(sample, loaded)
+                _write_qc(out_dir / f"{case}_qc.png", volume, affine, case, names, world, presence, truth_file)
             write_landmarks(out_dir / f"{case}.{fmt}", names, written, presence)  # last: a case's file means success
             result.timings["writing"] += time.perf_counter() - start
         except Exception as e:  # one bad case must not stop the others
@@ -172,29 +166,35 @@ def predict(
         result.case_ids.append(case)
         result.world[case], result.presence[case] = world, presence
     if result.case_ids:
-        _write_summary(result, names, presence_threshold, checkpoint, fmt)
+        _write_summary(result, names, presence_threshold, runner.source, fmt)
     elif created and not any(out_dir.iterdir()):
         out_dir.rmdir()  # nothing succeeded: leave no output folder behind
     return result
 
 
-def _write_qc(path, sample, loaded, cfg, case: str, names, world, presence, truth_file: Path | None) -> None:
-    from h3de.data.pipelines import load_and_normalise
+def _runner(path: str | Path):
+    """The runner of an export folder (:class:`h3de.deploy.runtime.ExportRunner`, no torch needed for ONNX) or of a
+    checkpoint (:class:`h3de.checkpoint_runner.CheckpointRunner`): ``source``, ``landmark_names``, ``read``,
+    ``prepare``, ``detect`` and ``qc_volume``."""
+    if is_export(path):
+        from h3de.deploy.runtime import ExportRunner
+
+        return ExportRunner(path)
+    from h3de.checkpoint_runner import CheckpointRunner
+
+    return CheckpointRunner(path)
+
+
+def _write_qc(path, volume, affine, case: str, names, world, presence, truth_file: Path | None) -> None:
+    """Orthogonal slices through each prediction (and the ground truth, if given) of the RAS-oriented ``volume``."""
     from h3de.plots import qc_slices
 
-    # the normalised volume at full resolution, oriented to RAS: coarse-to-fine keeps it; otherwise the volume read
-    _, orient, normalise = load_and_normalise(cfg.data)
-    if "source" in sample:
-        volume = orient({"image": sample["source"]})["image"]
-    else:
-        volume = Compose([orient, normalise])(dict(loaded))["image"]
     truth = None
     if truth_file is not None:
         truth_names, positions = read_landmarks(truth_file)
         order = {n: i for i, n in enumerate(truth_names)}
         truth = np.array([positions[order[n]] if n in order else [np.nan] * 3 for n in names])
-    array = volume.as_tensor()[0].numpy()
-    qc_slices(path, array, volume.affine.double().numpy(), names, world, presence, truth, title=case)
+    qc_slices(path, volume, affine, names, world, presence, truth, title=case)
 
 
 def _write_summary(result: PredictResult, names, threshold: float, checkpoint, fmt: str) -> None:

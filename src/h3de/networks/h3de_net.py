@@ -215,7 +215,8 @@ class H3DENet(nn.Module):
         out = self.head(levels.pop())
 
         if self.head_kind == "anchor":
-            return out[..., : math.ceil(size[0] / 4), : math.ceil(size[1] / 4), : math.ceil(size[2] / 4)]
+            # ceil(size / 4) in integer arithmetic: an exported graph computes it from the input's size
+            return out[..., : (size[0] + 3) // 4, : (size[1] + 3) // 4, : (size[2] + 3) // 4]
         if self.full_res_levels < 2:
             out = F.interpolate(out, scale_factor=2 ** (2 - self.full_res_levels), mode="trilinear")
         return out[..., : size[0], : size[1], : size[2]]

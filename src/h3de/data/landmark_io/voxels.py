@@ -14,11 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from h3de.data.images import read_header
 from h3de.errors import DataError
-from h3de.geometry import voxel_to_world
 
 __all__ = ["read_voxel_indices"]
 
@@ -62,5 +60,5 @@ def read_voxel_indices(
             f"{path}: row {row} ({names[row]}) at voxel {indices[row].tolist()} lies outside {image} of shape "
             f"{header.shape}: are the indices in the axis order of the image's array?"
         )
-    world = voxel_to_world(torch.from_numpy(indices), torch.from_numpy(header.affine))
-    return names, world.numpy()
+    affine = np.asarray(header.affine, np.float64)
+    return names, indices @ affine[:3, :3].T + affine[:3, 3]  # NaN rows stay NaN
