@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from h3de.cli import main
+from h3de.deploy.bundle import METADATA_FILE
 from h3de.errors import H3deError
 from h3de.evaluate import load_checkpoint
 from h3de.export import export
-from h3de.deploy.bundle import METADATA_FILE
 from h3de.predict import predict
 from inference_helpers import save_checkpoint, write_one_blob
 
