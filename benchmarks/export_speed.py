@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     load = os.getloadavg()[0]  # before this script's own work
-    torch.set_num_threads(args.threads)  # onnxruntime takes the same number (h3de.exported)
+    torch.set_num_threads(args.threads)  # onnxruntime takes one per CPU the process may use (h3de.deploy.bundle)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -177,8 +177,10 @@ def _runner(path: str | Path):
     checkpoint (:class:`h3de.checkpoint_runner.CheckpointRunner`): ``source``, ``landmark_names``, ``read``,
     ``prepare``, ``detect`` and ``qc_volume``."""
     if is_export(path):
-        from h3de.deploy.runtime import ExportRunner
-
+        try:
+            from h3de.deploy.runtime import ExportRunner
+        except ImportError as e:  # scipy, outside the base install
+            raise H3deError(f"running an export needs the package '{e.name}': pip install 'h3de[export]'") from None
         return ExportRunner(path)
     from h3de.checkpoint_runner import CheckpointRunner
 
