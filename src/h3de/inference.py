@@ -22,10 +22,7 @@ MONAI kept through every preprocessing step: the result is in the world space of
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +31,7 @@ from monai.inferers import sliding_window_inference
 
 from h3de.data.patches import patch_affines, sample_patches
 from h3de.geometry import voxel_to_world
+from h3de.timing import Stopwatch
 
 __all__ = ["Detection", "detect"]
 
@@ -55,20 +53,6 @@ class Detection:
     coarse_world: torch.Tensor
 
 
-class _Stopwatch:
-    """Adds the seconds spent in each ``with stopwatch("part"):`` block to ``timings[part]``."""
-
-    def __init__(self, timings: dict[str, float] | None) -> None:
-        self.timings = timings
-
-    @contextlib.contextmanager
-    def __call__(self, part: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        if self.timings is not None:
-            self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - start
-
-
 def detect(module: Any, sample: dict[str, Any], timings: dict[str, float] | None = None) -> Detection:
     """Detect every landmark in one prepared scan.
 
@@ -83,7 +67,7 @@ def detect(module: Any, sample: dict[str, Any], timings: dict[str, float] | None
         The :class:`Detection`, on the CPU.
     """
     cfg = module.cfg.detection
-    clock = _Stopwatch(timings)
+    clock = Stopwatch(timings)
     device = module.device
     image = sample["image"]
     x = image.as_tensor()[None].to(device, torch.float32)  # (1, 1, D, H, W)
@@ -105,7 +89,7 @@ def detect(module: Any, sample: dict[str, Any], timings: dict[str, float] | None
     return Detection(world, presence, coarse)
 
 
-def _sliding_window(module: Any, x: torch.Tensor, clock: _Stopwatch) -> tuple[torch.Tensor, torch.Tensor]:
+def _sliding_window(module: Any, x: torch.Tensor, clock: Stopwatch) -> tuple[torch.Tensor, torch.Tensor]:
     """((1, L, 3) voxel positions, (1, L) presence) from Gaussian-blended windows over the whole volume."""
     cfg, data = module.cfg.detection, module.cfg.data
     count = len(module.landmark_names)
@@ -135,7 +119,7 @@ def _sliding_window(module: Any, x: torch.Tensor, clock: _Stopwatch) -> tuple[to
 
 
 def _refine(
-    module: Any, source: Any, coarse: torch.Tensor, device: torch.device, clock: _Stopwatch
+    module: Any, source: Any, coarse: torch.Tensor, device: torch.device, clock: Stopwatch
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """((L, 3) world mm refined by the local stage on fine patches centred on the ``coarse`` estimates, (L,) the
     local stage's presence: is the landmark in its patch)."""

@@ -12,10 +12,7 @@ grid's affine. Nothing here imports torch: with an ONNX export, numpy, nibabel, 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from h3de.data.images import read_volume
 from h3de.deploy.bundle import Bundle
 from h3de.deploy.grid import pad_to, patch_affines, ras_grid, sample, to_ras, voxel_to_world
 from h3de.deploy.windows import sliding_window
+from h3de.timing import Stopwatch
 
 __all__ = ["Scan", "ExportRunner", "normalise"]
 
@@ -68,18 +66,6 @@ def normalise(volume: np.ndarray, data: dict) -> np.ndarray:
     return volume
 
 
-class _Stopwatch:
-    def __init__(self, timings: dict[str, float] | None) -> None:
-        self.timings = timings
-
-    @contextlib.contextmanager
-    def __call__(self, part: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        if self.timings is not None:
-            self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - start
-
-
 class ExportRunner:
     """Runs an export folder on scans for :func:`h3de.predict.predict` (read, prepare, detect, QC volume)."""
 
@@ -111,7 +97,7 @@ class ExportRunner:
 
     def detect(self, scan: Scan, timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """((L, 3) world RAS mm, (L,) presence probability) of every landmark in ``scan``."""
-        clock = _Stopwatch(timings)
+        clock = Stopwatch(timings)
         count = len(self.landmark_names)
         x = scan.image[None, None].astype(np.float32, copy=False)
         if self.bundle.mode == "sliding_window":
@@ -127,7 +113,7 @@ class ExportRunner:
             presence = (presence + local_presence) / 2
         return world, presence.astype(np.float32)
 
-    def _sliding_window(self, x: np.ndarray, clock: _Stopwatch) -> tuple[np.ndarray, np.ndarray]:
+    def _sliding_window(self, x: np.ndarray, clock: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
         """((L, 3) voxel positions, (L,) presence), landmarks in chunks whose maps fit ``max_heatmap_gib``."""
         detection, data = self.config["detection"], self.config["data"]
         count = len(self.landmark_names)
@@ -150,7 +136,7 @@ class ExportRunner:
             scores.append(presence)
         return np.concatenate(positions), np.concatenate(scores)
 
-    def _refine(self, scan: Scan, coarse: np.ndarray, clock: _Stopwatch) -> tuple[np.ndarray, np.ndarray]:
+    def _refine(self, scan: Scan, coarse: np.ndarray, clock: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
         """((L, 3) world mm from the local stage's patches around the ``coarse`` estimates, (L,) its presence)."""
         local = self.config["local"]
         size = tuple(int(s) for s in local["patch_size"])
