@@ -30,10 +30,9 @@ from pathlib import Path
 import optuna
 import sqlalchemy
 from optuna.exceptions import ExperimentalWarning
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from h3de.errors import ConfigError, H3deError
-from h3de.sweep.pruning import OptunaReport
 from h3de.sweep.spec import Parameter, SweepSpec, load_sweep, override
 
 __all__ = ["WorkerResult", "open_storage", "open_study", "run_worker", "launch_workers", "sweep"]
@@ -72,14 +71,16 @@ class _SweepStorage(optuna.storages.RDBStorage):
     A grid's points are all enqueued when its study is made, so ``Study.ask`` with an empty queue (another worker
     took the last point between this worker's check and its ask) would make a trial that repeats a point; it is
     refused before it exists. Enqueued and retried trials (``add_trial``) come with a template and pass.
+    ``_create_new_trial`` is the one method through which both ``create_new_trial`` and Optuna's cache of an RDB
+    storage make trials (a test checks that a grid's ask with an empty queue is refused).
     """
 
     queue_only = False
 
-    def create_new_trial(self, study_id: int, template_trial=None) -> int:
+    def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
         if template_trial is None and self.queue_only:
             raise _QueueEmpty
-        return super().create_new_trial(study_id, template_trial)
+        return super()._create_new_trial(study_id, template_trial)
 
 
 def _begin_immediate(connection) -> None:
@@ -102,15 +103,7 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT_S, queue_only: bool = Fals
     elif url.startswith("postgresql"):
         engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat is "experimental" since 2.9
-            storage = _SweepStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat,
-                grace_period=2 * heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES),
-            )
+        storage = _connect(url, engine_kwargs, heartbeat)
     except Exception as e:  # sqlalchemy/driver errors of many classes
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "DB access module" in first and url.startswith("postgresql"):
@@ -123,6 +116,31 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT_S, queue_only: bool = Fals
         sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
     storage.queue_only = queue_only
     return storage
+
+
+def _connect(url: str, engine_kwargs: dict, heartbeat: int, attempts: int = 5) -> _SweepStorage:
+    """The storage; tried again when workers starting together on a new database create its tables at once."""
+
+    def make() -> _SweepStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat is "experimental" since 2.9
+            return _SweepStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat,
+                grace_period=2 * heartbeat,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(RETRIES),
+            )
+
+    for _ in range(attempts - 1):
+        try:
+            return make()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as e:
+            # the other worker made a table, a type or the row of Optuna's schema version meanwhile
+            if not (isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e)):
+                raise
+            time.sleep(0.5)
+    return make()
 
 
 def _signature(spec: SweepSpec) -> str:
@@ -147,7 +165,7 @@ def _grid_points(spec: SweepSpec) -> list[dict]:
     return [dict(zip(keys, values, strict=True)) for values in combinations]
 
 
-def _pruner(spec: SweepSpec, max_epochs: int) -> optuna.pruners.BasePruner:
+def _pruner(spec: SweepSpec, max_epochs: int | None) -> optuna.pruners.BasePruner:
     """W&B's hyperband settings (in epochs: min_iter, or max_iter / eta**s; max_iter, eta) → HyperbandPruner."""
     if spec.hyperband is None:
         return optuna.pruners.NopPruner()
@@ -167,7 +185,8 @@ def open_study(spec: SweepSpec, storage: optuna.storages.BaseStorage, name: str)
     """
     from h3de.config import load_config
 
-    max_epochs = load_config(spec.experiment, list(spec.fixed)).trainer.max_epochs
+    # the experiment's max_epochs only for hyperband (loading a config imports the networks: seconds per worker)
+    max_epochs = load_config(spec.experiment, list(spec.fixed)).trainer.max_epochs if spec.hyperband else None
     sampler, pruner = _sampler(spec), _pruner(spec, max_epochs)
     signature = _signature(spec)
     try:  # exactly one worker makes the study (its name is unique in the storage): that one queues the grid
@@ -200,7 +219,7 @@ def _wait_for_setup(study: optuna.Study) -> str:
                 "queueing its trials): give another --study, or delete it (optuna delete-study --study-name "
                 f"{study.study_name} --storage URL)"
             )
-        time.sleep(0.5)
+        time.sleep(0.1)
     return saved
 
 
@@ -214,6 +233,7 @@ def _suggest(trial: optuna.Trial, p: Parameter):
 
 def _objective(spec: SweepSpec, study_name: str):
     from h3de.config import load_config
+    from h3de.sweep.pruning import OptunaReport  # imports Lightning: only where trials train
     from h3de.train import train
 
     def objective(trial: optuna.Trial) -> float:
