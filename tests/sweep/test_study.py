@@ -128,6 +128,7 @@ def test_methods_map_to_optuna_samplers(blob_dataset, tmp_path, method, sampler)
     assert type(study._sampler(spec)).__name__ == sampler
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_grid_is_queued_once_when_its_study_is_made(blob_dataset, tmp_path):
     grid = {"optim.lr": {"values": [0.003, 0.01]}, "trainer.max_epochs": {"values": [1, 2, 3]}}
     spec = load_sweep(write_sweep(blob_dataset, tmp_path, parameters=grid))
@@ -199,10 +200,11 @@ def pickled_spec(path: Path) -> Path:
     return spec
 
 
-def test_racing_workers_run_each_grid_point_exactly_once(blob_dataset, tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def test_racing_workers_run_each_grid_point_exactly_once(blob_dataset, tmp_path, request, backend):
     values = {"optim.lr": [0.001, 0.002, 0.003], "optim.weight_decay": [0.0, 0.1, 0.2]}
     spec = pickled_spec(write_sweep(blob_dataset, tmp_path, parameters={k: {"values": v} for k, v in values.items()}))
-    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     start = time.time() + 3  # after every worker has imported optuna: they make or join the study at once
     # trials that take no time: the workers ask for trials over and over at the same moments
     workers = [fake_worker(spec, storage, start, 0.0, tmp_path / "marks") for _ in range(3)]
