@@ -6,7 +6,7 @@ h3de evaluate CHECKPOINT [--split test] [--out DIR] [--data-root DIR] [--batch-s
 h3de evaluate --pred DIR --truth DIR [--out DIR] [--radii 2,2.5,3,4] [--presence-threshold 0.5]
 h3de predict CHECKPOINT_OR_EXPORT IMAGE_OR_FOLDER --out DIR [--format mrk.json|fcsv|csv|json] [--qc] [--truth PATH]
 h3de export CHECKPOINT --format onnx|torchscript [--out DIR]
-h3de sweep SWEEP.yaml --storage URL [--study NAME] [--trials N] [--gpus 0,1,...]
+h3de sweep SWEEP.yaml --storage URL [--study NAME] [--trials N] [--gpus 0,1,...] [--heartbeat S]
 h3de compare RUN_DIR [RUN_DIR ...] [--out DIR] [--no-flops]
 h3de profile MODEL [MODEL ...] [--input D,H,W] [key=value ...]
 h3de data phantom --out DIR [--seed 0] [--cases 40] [--voxel-mm 3.0] [--workers 1]
@@ -128,6 +128,14 @@ def _parser() -> argparse.ArgumentParser:
         "until the grid or run_cap is used up, or forever for random/bayes without run_cap",
     )
     sweep.add_argument("--gpus", default=None, metavar="ID,ID,...", help="one worker process per GPU id")
+    sweep.add_argument(
+        "--heartbeat",
+        type=int,
+        default=60,
+        metavar="S",
+        help="seconds between a running trial's heartbeats (default 60); a trial silent for 2*S (its worker was "
+        "killed) is failed and run again by the next worker to start a trial",
+    )
 
     compare = commands.add_parser("compare", help="table and val MRE curves of finished runs, from their folders")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by h3de train")
@@ -350,7 +358,7 @@ def _sweep(args: argparse.Namespace) -> None:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus is not None else None
     if gpus is not None and not gpus:
         raise H3deError(f"--gpus '{args.gpus}' names no GPU id (e.g. --gpus 0,1)")
-    result = sweep(args.sweep_file, args.storage, args.study, args.trials, gpus)
+    result = sweep(args.sweep_file, args.storage, args.study, args.trials, gpus, args.heartbeat)
     print(f"study {result.study}: {result.trials_run} trial(s) run; stopped: {result.stop_reason}")
     if result.best_value is not None:
         print(f"best so far: {result.best_value:.4g} with {json.dumps(result.best_params)} in {result.best_run_dir}")

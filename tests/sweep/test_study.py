@@ -1,12 +1,17 @@
-"""``h3de sweep`` end to end: a tiny grid on SQLite, pruning, bad storage, and two workers on a real PostgreSQL."""
+"""``h3de sweep`` end to end: a tiny grid on SQLite, pruning, bad storage, workers racing for grid points, a
+killed worker's trial run again, and two workers on a real PostgreSQL."""
 
 import csv
+import itertools
 import json
 import os
+import pickle
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -117,12 +122,129 @@ def test_hyperband_settings_map_to_optuna(blob_dataset, tmp_path):
     assert isinstance(study._pruner(load_sweep(write_sweep(blob_dataset, tmp_path)), 40), optuna.pruners.NopPruner)
 
 
-@pytest.mark.parametrize(
-    "method, sampler", [("grid", "GridSampler"), ("random", "RandomSampler"), ("bayes", "TPESampler")]
-)
+@pytest.mark.parametrize("method, sampler", [("random", "RandomSampler"), ("bayes", "TPESampler")])
 def test_methods_map_to_optuna_samplers(blob_dataset, tmp_path, method, sampler):
     spec = load_sweep(write_sweep(blob_dataset, tmp_path, method=method))
     assert type(study._sampler(spec)).__name__ == sampler
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_grid_is_queued_once_when_its_study_is_made(blob_dataset, tmp_path):
+    grid = {"optim.lr": {"values": [0.003, 0.01]}, "trainer.max_epochs": {"values": [1, 2, 3]}}
+    spec = load_sweep(write_sweep(blob_dataset, tmp_path, parameters=grid))
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    made = study.open_study(spec, study.open_storage(storage), "q")
+    study.open_study(spec, study.open_storage(storage), "q")  # joining queues nothing more
+    queued = [t.system_attrs["fixed_params"] for t in made.get_trials()]
+    assert [t.state for t in made.get_trials()] == [optuna.trial.TrialState.WAITING] * 6
+    assert queued == [{"optim.lr": a, "trainer.max_epochs": b} for a in (0.003, 0.01) for b in (1, 2, 3)]
+    # a grid worker makes no trial but queued ones: with the queue empty, ask is refused before a trial exists
+    grid_storage = study.open_storage(storage, queue_only=True)
+    for _ in range(6):
+        made.ask()
+    with pytest.raises(study._QueueEmpty):
+        optuna.load_study(study_name="q", storage=grid_storage).ask()
+    assert len(made.get_trials()) == 6
+
+
+def test_a_study_left_half_made_is_refused_after_a_wait(blob_dataset, tmp_path, monkeypatch):
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    optuna.create_study(study_name="half", storage=storage)  # made, but never given its sweep file or queue
+    monkeypatch.setattr(study, "SETUP_WAIT_S", 0.5)
+    with pytest.raises(H3deError, match="study 'half' exists but was never set up"):
+        study.sweep(write_sweep(blob_dataset, tmp_path), storage, study="half")
+
+
+# ---- several worker processes on one study: a fake objective (no training) so that they start in a second -----
+
+_FAKE_WORKER = """
+import os, pickle, sys, time
+from pathlib import Path
+from h3de.sweep import study
+
+spec, storage, name, start, seconds, marks, heartbeat = sys.argv[1:]
+
+
+def objective_for(spec, study_name):
+    def objective(trial):
+        for p in spec.parameters:
+            study._suggest(trial, p)
+        trial.set_user_attr("pid", os.getpid())
+        Path(marks, f"{trial.number}.running").touch()
+        time.sleep(float(seconds))
+        return 0.0
+
+    return objective
+
+
+study._objective = objective_for
+spec = pickle.loads(Path(spec).read_bytes())  # the test's load_sweep (its config checks import torch: seconds)
+time.sleep(max(0.0, float(start) - time.time()))
+result = study.run_worker(spec, storage, name, heartbeat=int(heartbeat))
+print(result.trials_run)
+"""
+
+
+def fake_worker(spec: Path, storage: str, start: float, seconds: float, marks: Path, heartbeat: int = 60):
+    """A worker process (on the pickled SweepSpec ``spec``) whose trials suggest their parameters, sleep ``seconds``."""
+    marks.mkdir(exist_ok=True)
+    command = [sys.executable, "-c", _FAKE_WORKER, str(spec), storage, "s", str(start), str(seconds), str(marks),
+               str(heartbeat)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(study.__file__).parents[2]), *sys.path])}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+
+
+def pickled_spec(path: Path) -> Path:
+    spec = path.with_suffix(".pickle")
+    spec.write_bytes(pickle.dumps(load_sweep(path)))
+    return spec
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def test_racing_workers_run_each_grid_point_exactly_once(blob_dataset, tmp_path, request, backend):
+    values = {"optim.lr": [0.001, 0.002, 0.003], "optim.weight_decay": [0.0, 0.1, 0.2]}
+    spec = pickled_spec(write_sweep(blob_dataset, tmp_path, parameters={k: {"values": v} for k, v in values.items()}))
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    start = time.time() + 3  # after every worker has imported optuna: they make or join the study at once
+    # trials that take no time: the workers ask for trials over and over at the same moments
+    workers = [fake_worker(spec, storage, start, 0.0, tmp_path / "marks") for _ in range(3)]
+    outputs = [w.communicate(timeout=120)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0] * 3
+    runs = [int(out.split()[-1]) for out in outputs]
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials) and sum(runs) == len(trials) == 9
+    points = sorted((t.params["optim.lr"], t.params["optim.weight_decay"]) for t in trials)
+    assert points == sorted(itertools.product(*values.values()))  # each point once: none twice, none missed
+    assert len({t.user_attrs["pid"] for t in trials}) > 1
+
+
+def test_a_killed_workers_trial_fails_and_its_grid_point_runs_again(blob_dataset, tmp_path):
+    path = write_sweep(blob_dataset, tmp_path, epochs=1)  # a grid of two learning rates
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    marks = tmp_path / "marks"
+    # a worker whose first trial would take 10 minutes
+    killed = fake_worker(pickled_spec(path), storage, 0.0, 600.0, marks, heartbeat=1)
+    deadline = time.time() + 60
+    while not (marks / "0.running").exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert (marks / "0.running").exists()
+    time.sleep(1.5)  # the trial's heartbeat thread has written its heartbeat
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    (dead,) = optuna.load_study(study_name="s", storage=storage).get_trials(states=[optuna.trial.TrialState.RUNNING])
+    time.sleep(4)  # more than the grace period of 2 heartbeats (timestamps in SQLite are whole seconds)
+
+    result = study.sweep(path, storage, study="s", heartbeat=1)  # another worker, with the real training
+    assert result.trials_run == 2 and result.stop_reason == "all 2 grid points have been run or are running"
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    states = optuna.trial.TrialState
+    assert [t.state for t in trials] == [states.FAIL, states.COMPLETE, states.COMPLETE]
+    assert trials[0].number == dead.number == 0 and trials[0].user_attrs["pid"] == killed.pid
+    retry = trials[2]
+    assert retry.system_attrs["failed_trial"] == 0 and retry.params == dead.params  # the dead trial's point again
+    assert retry.user_attrs["pid"] == os.getpid() and Path(retry.user_attrs["run_dir"]).is_dir()
+    complete = [t.params["optim.lr"] for t in trials if t.state == states.COMPLETE]
+    assert sorted(complete) == [0.003, 0.01]  # every grid point COMPLETE exactly once
 
 
 @pytest.mark.parametrize(
@@ -156,6 +278,8 @@ def test_bad_sweeps_are_refused_before_any_work(blob_dataset, tmp_path):
         study.sweep(write_sweep(blob_dataset, tmp_path, parameters={"trainer.devices": {"values": [1, 2]}}), storage)
     with pytest.raises(H3deError, match="--trials must be a positive"):
         study.sweep(write_sweep(blob_dataset, tmp_path), storage, trials=0)
+    with pytest.raises(H3deError, match="--heartbeat must be a positive number of seconds, got 0"):
+        study.sweep(write_sweep(blob_dataset, tmp_path), storage, heartbeat=0)
     # a study of another sweep file is not joined
     study.open_study(load_sweep(write_sweep(blob_dataset, tmp_path)), study.open_storage(storage), "shared")
     other = write_sweep(blob_dataset, tmp_path, parameters={"optim.lr": {"values": [0.1, 0.2]}})
