@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--heartbeat",
         type=int,
-        default=60,
+        default=None,
         metavar="S",
         help="seconds between a running trial's heartbeats (default 60); a trial silent for 2*S (its worker was "
         "killed) is failed and run again by the next worker to start a trial",
@@ -358,7 +358,8 @@ def _sweep(args: argparse.Namespace) -> None:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus is not None else None
     if gpus is not None and not gpus:
         raise H3deError(f"--gpus '{args.gpus}' names no GPU id (e.g. --gpus 0,1)")
-    result = sweep(args.sweep_file, args.storage, args.study, args.trials, gpus, args.heartbeat)
+    heartbeat = {} if args.heartbeat is None else {"heartbeat": args.heartbeat}
+    result = sweep(args.sweep_file, args.storage, args.study, args.trials, gpus, **heartbeat)
     print(f"study {result.study}: {result.trials_run} trial(s) run; stopped: {result.stop_reason}")
     if result.best_value is not None:
         print(f"best so far: {result.best_value:.4g} with {json.dumps(result.best_params)} in {result.best_run_dir}")

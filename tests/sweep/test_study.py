@@ -355,3 +355,27 @@ def test_two_workers_share_one_study_on_postgresql(blob_dataset, tmp_path, postg
         f"optim.weight_decay={trials[0].params['optim.weight_decay']}",
     ]
     assert sys.executable  # the workers ran `python -m h3de.cli sweep` with this interpreter
+
+
+def test_a_live_trial_failed_by_another_worker_is_reported_in_one_line(blob_dataset, tmp_path, monkeypatch, capsys):
+    """A worker whose heartbeat was late (a suspended process, a database out of reach) finds its trial failed and
+    queued again by another worker when it finishes: one line, and the worker goes on."""
+
+    def objective_for(spec, study_name):
+        def objective(trial):
+            for p in spec.parameters:
+                study._suggest(trial, p)
+            trial.set_user_attr("pid", os.getpid())
+            # what another worker's fail_stale_trials does to a trial whose heartbeat is late
+            trial.study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            return 0.0
+
+        return objective
+
+    monkeypatch.setattr(study, "_objective", objective_for)
+    spec = load_sweep(write_sweep(blob_dataset, tmp_path))
+    result = study.run_worker(spec, f"sqlite:///{tmp_path / 'db.sqlite'}", "s", trials=1)
+    assert result.trials_run == 1
+    err = capsys.readouterr().err
+    assert "trial 0 finished here, but another worker had already failed it as dead" in err
+    assert "Traceback" not in err

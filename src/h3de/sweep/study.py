@@ -314,8 +314,24 @@ def run_worker(
             study.optimize(objective, n_trials=1, catch=(H3deError, RuntimeError))
         except _QueueEmpty:  # another worker took the last queued point first: check again
             continue
+        except AssertionError:  # Optuna's "Should not reach" when it cannot record a result: see _taken_over
+            trial = _taken_over(study)
+            if trial is None:
+                raise
+            print(
+                f"h3de sweep: trial {trial.number} finished here, but another worker had already failed it as dead "
+                "(its heartbeat was late) and queued its point again; its result is not recorded",
+                file=sys.stderr,
+            )
         done += 1
     return _result(study, done, reason)
+
+
+def _taken_over(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """This process's latest trial, if another worker failed it as dead while it ran (so Optuna could not tell its
+    result); None otherwise."""
+    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("pid") == os.getpid()]
+    return mine[-1] if mine and mine[-1].state == TrialState.FAIL else None
 
 
 def _result(study: optuna.Study, done: int, reason: str) -> WorkerResult:
