@@ -34,7 +34,7 @@ from h3de.data.pipelines import build_inference_transforms
 from h3de.errors import H3deError, root_cause
 from h3de.exported import load_model
 from h3de.inference import detect
-from h3de.io_utils import atomic_write, csv_text
+from h3de.io_utils import atomic_write, csv_text, missing_folders, remove_empty_folders, removed_if_left_empty
 
 __all__ = ["PredictResult", "predict", "FORMATS", "IMAGE_SUFFIXES", "case_id_of"]
 
@@ -136,8 +136,9 @@ def predict(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module, checkpoint = load_model(checkpoint, device)  # a checkpoint, or an h3de export folder
     out_dir = Path(out_dir)
-    created = not out_dir.exists()
-    _check_writable(out_dir)
+    made = missing_folders(out_dir)  # the output folder and the parents it lacks, removed again if nothing succeeds
+    with removed_if_left_empty(out_dir):
+        _check_writable(out_dir)
     cfg = module.cfg
     chain = build_inference_transforms(cfg.data, cfg.detection, with_landmarks=False)
     read, prepare = chain.transforms[0], Compose(chain.transforms[1:])
@@ -173,8 +174,8 @@ def predict(
         result.world[case], result.presence[case] = world, presence
     if result.case_ids:
         _write_summary(result, names, presence_threshold, checkpoint, fmt)
-    elif created and not any(out_dir.iterdir()):
-        out_dir.rmdir()  # nothing succeeded: leave no output folder behind
+    else:
+        remove_empty_folders(made)  # nothing succeeded: leave no output folder behind
     return result
 
 
