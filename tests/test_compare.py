@@ -84,3 +84,10 @@ def test_folders_that_are_not_run_directories_are_refused(two_runs, tmp_path, ca
         compare([two_runs[0], two_runs[0]])
     assert main(["compare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(two_runs, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    assert main(["compare", *map(str, two_runs), "--no-flops", "--out", str(tmp_path / "a_file" / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert "a_file/cmp: cannot write the comparison there" in err and err.count("\n") == 1, err

@@ -62,22 +62,24 @@ def _rows(run_dir):
         return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
-def _args(blob_dataset, output_dir):
-    return ["train", f"data.root={blob_dataset.parent}", f"output_dir={output_dir}", *RUN]
+def _args(blob_dataset, output_dir, *overrides):
+    return ["train", f"data.root={blob_dataset.parent}", f"output_dir={output_dir}", *RUN, *overrides]
 
 
 def test_a_killed_run_resumed_ends_as_an_uninterrupted_one(blob_dataset, tmp_path, capsys):
-    whole = train(load_config(None, _args(blob_dataset, tmp_path / "whole")[1:]))
+    """The uninterrupted run loads in the main process, the killed and resumed one with 2 loader workers
+    (restarted on resume): the same samples, augmentation and steps either way."""
+    whole = train(load_config(None, _args(blob_dataset, tmp_path / "whole", "data.num_workers=0")[1:]))
 
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "H3DE_RUN_DIR")}
-    command = [sys.executable, "-c", _KILLED, *_args(blob_dataset, tmp_path / "runs")]
+    command = [sys.executable, "-c", _KILLED, *_args(blob_dataset, tmp_path / "runs", "data.num_workers=2")]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs" / "resumed").iterdir()
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
     assert any(row.get("epoch") == "1" for row in _rows(run_dir))  # the interrupted epoch had logged
 
-    assert main([*_args(blob_dataset, tmp_path / "runs"), "resume=last"]) == 0
+    assert main([*_args(blob_dataset, tmp_path / "runs", "data.num_workers=2"), "resume=last"]) == 0
     out = capsys.readouterr().out
     assert f"run directory: {run_dir}" in out and "(after epoch 0, step 2)" in out
     assert [p.name for p in (tmp_path / "runs" / "resumed").iterdir()] == [run_dir.name]  # the same run

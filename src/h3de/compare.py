@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from h3de.errors import H3deError
-from h3de.io_utils import atomic_path, atomic_write, csv_text
+from h3de.io_utils import atomic_path, atomic_write, csv_text, removed_if_left_empty
 
 __all__ = ["RunSummary", "CompareResult", "read_run", "compare"]
 
@@ -222,7 +222,11 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None
     out_dir = None
     if out is not None:
         out_dir = Path(out)
-        atomic_write(out_dir / "compare.md", table + "\n")
-        atomic_write(out_dir / "compare.csv", csv_text(header, rows))
-        _plot(out_dir / "val_mre.png", runs)
+        with removed_if_left_empty(out_dir):
+            try:
+                atomic_write(out_dir / "compare.md", table + "\n")
+                atomic_write(out_dir / "compare.csv", csv_text(header, rows))
+                _plot(out_dir / "val_mre.png", runs)
+            except OSError as e:
+                raise H3deError(f"{out_dir}: cannot write the comparison there ({e.strerror or e})") from None
     return CompareResult(runs, table, out_dir)

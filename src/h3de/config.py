@@ -432,6 +432,8 @@ def validate(cfg: DictConfig) -> None:
         "data.augment.elastic_spacing_mm": cfg.data.augment.elastic_spacing_mm,
         "optim.lr": cfg.optim.lr,
         "trainer.max_epochs": cfg.trainer.max_epochs,
+        "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
+        "trainer.check_val_every_n_epoch": cfg.trainer.check_val_every_n_epoch,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -446,6 +448,8 @@ def validate(cfg: DictConfig) -> None:
             f"data.augment.elastic_magnitude_mm must be non-negative, got {cfg.data.augment.elastic_magnitude_mm}"
         )
     _validate_intensity(cfg)
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be 0 (no loader processes) or more, got {cfg.data.num_workers}")
     if not 0.0 <= cfg.data.cache_rate <= 1.0:
         raise ConfigError(f"data.cache_rate must lie in [0, 1], got {cfg.data.cache_rate}")
     if cfg.data.samples_per_epoch is not None and cfg.data.samples_per_epoch <= 0:

@@ -44,7 +44,7 @@ from torch import nn
 from h3de.deploy.bundle import EXPORT_VERSION, METADATA_FILE, SUFFIXES, load_graph
 from h3de.errors import H3deError
 from h3de.evaluate import load_checkpoint, resolve_checkpoint
-from h3de.io_utils import atomic_dir
+from h3de.io_utils import atomic_dir, removed_if_left_empty
 from h3de.module import LandmarkModule
 from h3de.readout import HeatmapReadout
 
@@ -104,8 +104,12 @@ def export(checkpoint: str | Path, fmt: str = "onnx", out_dir: str | Path | None
     checkpoint = resolve_checkpoint(checkpoint)
     module = load_checkpoint(checkpoint)
     out_dir = Path(out_dir) if out_dir is not None else checkpoint.resolve().parent.parent / f"export_{fmt}"
-    _check_out_dir(out_dir)
+    with removed_if_left_empty(out_dir):  # the parents _check_out_dir makes, when the export then fails
+        _check_out_dir(out_dir)
+        return _export(module, checkpoint, fmt, out_dir)
 
+
+def _export(module: LandmarkModule, checkpoint: Path, fmt: str, out_dir: Path) -> ExportResult:
     result = ExportResult(out_dir, {})
     stages = _stages(module)
     metadata = _metadata(module, checkpoint, fmt)

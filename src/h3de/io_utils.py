@@ -1,4 +1,4 @@
-"""Atomic file writing: a reader never sees a half-written output.
+"""Atomic file writing: a reader never sees a half-written output; output folders an error left empty are removed.
 
 Temporary files and folders are created with the ordinary mode (0o666 / 0o777 less the umask, 0644 / 0755
 under umask 022), so outputs are as readable as any other file the user writes (``tempfile.mkstemp`` would
@@ -16,7 +16,15 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_path", "atomic_dir", "csv_text"]
+__all__ = [
+    "atomic_write",
+    "atomic_path",
+    "atomic_dir",
+    "csv_text",
+    "missing_folders",
+    "remove_empty_folders",
+    "removed_if_left_empty",
+]
 
 
 def _temporary_name(path: Path, suffix: str = "") -> Path:
@@ -95,3 +103,43 @@ def csv_text(header: list[str], rows: list[list]) -> str:
     writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def missing_folders(path: str | os.PathLike) -> list[Path]:
+    """``path`` and those of its parents that do not exist (yet), deepest first."""
+    path = Path(path).absolute()
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty; stop at the first that is not (or is gone)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield the output folder ``path``; if the block raises, remove the folders it made there and left empty.
+
+    Those are ``path`` and its parents when they did not exist before the block, and folders made inside ``path``;
+    each is removed (deepest first) only if it holds nothing. Folders that existed before, and any with a file in
+    it, stay. Commands that make an output folder and can then fail wrap their work in it, so that an error leaves
+    no empty folder behind.
+    """
+    path = Path(path).absolute()
+    made = missing_folders(path)
+    before = {Path(folder) for folder, _, _ in os.walk(path)}
+    try:
+        yield path
+    except BaseException:
+        for folder, _, _ in os.walk(path, topdown=False):
+            if Path(folder) not in before and Path(folder) != path:
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+        remove_empty_folders(made)
+        raise

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from h3de.data.landmark_io import LANDMARK_SUFFIXES, read_landmarks, write_landmarks
 from h3de.deploy.bundle import is_export
 from h3de.errors import H3deError, root_cause
-from h3de.io_utils import atomic_write, csv_text
+from h3de.io_utils import atomic_write, csv_text, missing_folders, remove_empty_folders, removed_if_left_empty
 
 __all__ = ["PredictResult", "predict", "FORMATS", "IMAGE_SUFFIXES", "case_id_of"]
 
@@ -133,8 +133,9 @@ def predict(
         raise H3deError(f"{inputs}: several images share a case id (file name without suffix)")
     runner = _runner(checkpoint)
     out_dir = Path(out_dir)
-    created = not out_dir.exists()
-    _check_writable(out_dir)
+    made = missing_folders(out_dir)  # the output folder and the parents it lacks, removed again if nothing succeeds
+    with removed_if_left_empty(out_dir):
+        _check_writable(out_dir)
     names = runner.landmark_names
 
     result = PredictResult(out_dir, [], {}, {}, timings=dict.fromkeys(TIMED_PARTS, 0.0))
@@ -167,8 +168,8 @@ def predict(
         result.world[case], result.presence[case] = world, presence
     if result.case_ids:
         _write_summary(result, names, presence_threshold, runner.source, fmt)
-    elif created and not any(out_dir.iterdir()):
-        out_dir.rmdir()  # nothing succeeded: leave no output folder behind
+    else:
+        remove_empty_folders(made)  # nothing succeeded: leave no output folder behind
     return result
 
 

@@ -1,11 +1,12 @@
 """Reproducible runs: per-epoch seeding (so a resumed run draws what an uninterrupted one would) and run_info.json.
 
-Every random draw of training comes from ``(seed, epoch, rank)``: at each training epoch's start the augmentation
-transforms (MONAI's ``set_rnd``), and before its first step the global torch, numpy and Python generators, are
-seeded from it; the sample order is :class:`h3de.data.datamodule.EpochSampler`'s, a function of ``(seed, epoch)``.
-Nothing random carries over from one epoch to the next, so a run resumed at an epoch boundary continues exactly.
-(Loader workers, ``data.num_workers`` > 0, draw their augmentation from streams seeded when they start: exact with
-no workers, equally random but not bit-identical with them.)
+Every random draw of training comes from ``(seed, epoch)`` and the place in the epoch: the sample order and each
+sample's augmentation seed are :class:`h3de.data.sampling.EpochSampler`'s, a function of ``(seed, epoch)``, and the
+sample's random transforms are seeded with its own seed just before it is drawn
+(:class:`h3de.data.sampling.SeededSamples`), in whichever loader worker (``data.num_workers``) draws it; before the
+epoch's first step, :class:`EpochSeeding` seeds the global torch, numpy and Python generators from
+``(seed, epoch, rank)``. Nothing random carries over from one epoch to the next, so a run resumed at an epoch boundary
+continues exactly, with or without loader workers, and a run draws the same samples whatever their number.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from monai.data.utils import set_rnd
 
 from h3de.io_utils import atomic_write
 
@@ -38,20 +38,15 @@ def epoch_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
 
 
 class EpochSeeding(L.Callback):
-    """Seed the augmentation and the global generators from ``(seed, epoch, rank)`` at every epoch.
+    """Seed the global generators (dropout, anything drawn in the training step) from ``(seed, epoch, rank)``.
 
-    The transforms are seeded at ``on_train_epoch_start``, before the epoch's first sample is drawn; the global
-    generators at the epoch's first ``on_train_batch_start``, after the loader's iterator exists (Lightning makes
-    it before the epoch hooks when resuming and after them otherwise; making it draws from the global generator).
+    They are seeded at the epoch's first ``on_train_batch_start``, after the loader's iterator exists (Lightning
+    makes it before the epoch hooks when resuming and after them otherwise; making it draws from the global
+    generator). The augmentation is seeded per sample by the sampler (:mod:`h3de.data.sampling`).
     """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loader = trainer.train_dataloader
-        if loader is not None:
-            set_rnd(loader.dataset, epoch_seed(self.seed, trainer.current_epoch, trainer.global_rank, 0))
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

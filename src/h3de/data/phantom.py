@@ -47,7 +47,8 @@ import numpy as np
 
 from h3de.data.landmark_io import write_landmarks
 from h3de.data.manifest import SPLITS, Case, Manifest, load_manifest, write_manifest
-from h3de.io_utils import atomic_path
+from h3de.errors import DataError
+from h3de.io_utils import atomic_path, removed_if_left_empty
 
 __all__ = ["generate_phantom", "PHANTOM_LANDMARKS", "PHANTOM_MIRRORED_PAIRS"]
 
@@ -191,9 +192,24 @@ def generate_phantom(
 
     Raises:
         ValueError: naming the invalid argument.
+        DataError: an output folder that cannot be made (a file in the way). A folder that an error left empty is
+            removed.
     """
     fractions = _check_arguments(seed, num_cases, voxel_mm, split_fractions, workers)
     out = Path(out_dir).resolve()
+    with removed_if_left_empty(out):
+        _make_folder(out)
+        return _generate(out, seed, num_cases, voxel_mm, fractions, workers)
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out}: cannot make the output folder there ({e.strerror or e})") from None
+
+
+def _generate(out: Path, seed: int, num_cases: int, voxel_mm: float, fractions: tuple, workers: int) -> Manifest:
     manifest_path = out / "dataset.json"
     manifest_path.unlink(missing_ok=True)
     splits = _plan_splits(seed, num_cases, fractions)
