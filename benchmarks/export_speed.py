@@ -2,8 +2,8 @@
 
 For each experiment: an untrained model of its config (time does not depend on the weights), saved as `h3de train`
 saves it and exported with `h3de export --format onnx`; then `h3de predict` on one synthetic 1.2 mm head-sized volume
-(200 x 220 x 160 voxels), from the checkpoint and from the export (numpy and onnxruntime, no torch: h3de.deploy), alternately, after one warm-up
-run of each.
+(200 x 220 x 160 voxels), from the checkpoint and from the export (numpy and onnxruntime, no torch: h3de.deploy),
+alternately, after one warm-up run of each.
 Reported: median seconds per volume of the network part and of the whole prediction (reading, preprocessing,
 network, patches, decoding, writing, as `predict` measures them), the export's time, and the largest difference
 between the two predictions' landmarks. Both run on the CPU with the same thread count.
