@@ -160,7 +160,8 @@ def predict(
             result.timings["writing"] += time.perf_counter() - start
         except Exception as e:  # one bad case must not stop the others
             cause = root_cause(e)
-            result.failures[case] = str(cause) if cause is not e else f"{type(e).__name__}: {e}"
+            # the user's error as its message; a failure of ours named by its type too
+            result.failures[case] = str(cause) if isinstance(cause, H3deError) else f"{type(e).__name__}: {e}"
             if len(images) > 1:
                 bar.write(f"h3de: {case}: skipped: {result.failures[case]}", file=sys.stderr)
             continue
