@@ -51,14 +51,15 @@ def test_the_ras_grid_is_monais_orientation_then_spacing(index):
 
 
 @pytest.mark.parametrize("padding", ["zeros", "border"])
-def test_sampling_equals_grid_sample_inside_outside_and_at_the_border(padding):
+@pytest.mark.parametrize("oblique", [True, False])  # scipy's 3D interpolation, or one 1D pass per axis
+def test_sampling_equals_grid_sample_inside_outside_and_at_the_border(padding, oblique):
     rng = np.random.default_rng(1)
     volume = rng.normal(size=(13, 17, 11)).astype(np.float32)
-    affine = _affines(3)[2]
+    affine = _affines(3)[2 if oblique else 0]  # the second: permuted, flipped and anisotropic axes
     centre = voxel_to_world(np.array([6.0, 8.0, 5.0]), affine)
     # patches centred inside, across the edge and far outside the volume, rotated and at another spacing
     centres = centre + np.array([[0.0, 0, 0], [20.0, -10, 5], [400.0, 0, 0]])
-    rotations = torch.as_tensor(np.stack([_rotation(rng, 30.0) for _ in centres]))
+    rotations = torch.as_tensor(np.stack([_rotation(rng, 30.0) if oblique else np.eye(3) for _ in centres]))
     grids = torch_patch_affines(torch.as_tensor(centres), [1.3, 0.8, 2.1], (9, 10, 7), rotations)
     expected = sample_patches(torch.from_numpy(volume)[None], torch.as_tensor(affine), grids, (9, 10, 7), padding)
     for k, grid in enumerate(grids.numpy()):
