@@ -54,6 +54,8 @@ def test_defaults_file_and_overrides_merge_in_order(tmp_path):
         ("data.augment.contrast_gamma=[0,1]", "data.augment.contrast_gamma"),
         ("data.augment.contrast_gamma=[1.5,0.7]", "data.augment.contrast_gamma"),
         ("no_equals_sign", "key=value"),
+        ("trainer.log_every_n_steps=-1", "trainer.log_every_n_steps must be positive, got -1"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val must be 0 .off. or positive, got -1"),
         (
             "model=h3de_net_anchor loss=anchor data.patch_size=[128,128,64] detection.mode=sliding_window",
             "sliding_window needs a heatmap network",

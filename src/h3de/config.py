@@ -434,10 +434,13 @@ def validate(cfg: DictConfig) -> None:
         "trainer.max_epochs": cfg.trainer.max_epochs,
         "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
         "trainer.check_val_every_n_epoch": cfg.trainer.check_val_every_n_epoch,
+        "trainer.log_every_n_steps": cfg.trainer.log_every_n_steps,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.trainer.gradient_clip_val < 0:  # Lightning takes a negative value silently and clips nothing
+        raise ConfigError(f"trainer.gradient_clip_val must be 0 (off) or positive, got {cfg.trainer.gradient_clip_val}")
     probabilities = ("affine_prob", "flip_prob", "intensity_prob", "elastic_prob", "bias_field_prob", "contrast_prob")
     for key in (f"data.augment.{name}" for name in probabilities):
         value = OmegaConf.select(cfg, key)
