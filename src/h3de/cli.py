@@ -144,10 +144,11 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
-        help="the model's networks (both coarse-to-fine stages) as ONNX or TorchScript, checked against PyTorch",
-        description="Export the networks of a checkpoint for deployment, with h3de_export.json (preprocessing, "
-        "landmarks, detection mode, readout values): h3de predict runs from the folder. Each file is run against "
-        "PyTorch on random inputs at two sizes and the largest absolute difference is printed.",
+        help="the model's networks (both coarse-to-fine stages) and their decodings as ONNX or TorchScript, checked "
+        "against PyTorch",
+        description="Export the networks of a checkpoint and their decodings for deployment, with h3de_export.json "
+        "(preprocessing, landmarks, detection mode): h3de predict runs from the folder, without torch for ONNX. Each "
+        "file is run against PyTorch at two sizes and the largest absolute difference is printed.",
     )
     export.add_argument("checkpoint", help="a .ckpt, a run directory, or runs/<experiment>/latest (as evaluate)")
     export.add_argument("--format", required=True, help="onnx (run by onnxruntime) or torchscript")

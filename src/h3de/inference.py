@@ -57,8 +57,8 @@ def detect(module: Any, sample: dict[str, Any], timings: dict[str, float] | None
     """Detect every landmark in one prepared scan.
 
     Args:
-        module: a :class:`h3de.module.LandmarkModule` (its network, readout, local stage, config and device), or
-            an :class:`h3de.exported.ExportedModel` (the same, with exported networks).
+        module: a :class:`h3de.module.LandmarkModule` (its network, readout, local stage, config and device). An
+            export runs the same steps in numpy (:class:`h3de.deploy.runtime.ExportRunner`).
         sample: one sample of :func:`h3de.data.pipelines.build_inference_transforms`: ``image`` (MetaTensor
             (1, D, H, W) with its affine) and, for coarse-to-fine, ``source``.
         timings: if given, seconds are added to its "network", "decoding" and "patches" entries.
