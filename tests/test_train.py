@@ -87,7 +87,7 @@ def test_train_writes_config_metrics_checkpoints_and_evaluates(blob_dataset, tmp
     again = json.loads((tmp_path / "eval_absent" / "summary.json").read_text())
     kept = [float(r["error_mm"]) for r in absent_rows if r["called_present"] == "1"]
     assert again["count"] == len(kept) == 2 and again["present_called_absent"] == 2
-    assert again["mre_mm"] == pytest.approx(sum(kept) / 2)
+    assert again["mre_mm"] == pytest.approx(sum(kept) / 2, abs=1e-4)  # errors.csv holds 4 decimals
     assert main([*args, "--presence-threshold", "1.5"]) == 2
 
 
