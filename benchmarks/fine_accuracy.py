@@ -61,12 +61,21 @@ def finished_run(cfg) -> tuple[Path, float] | None:
     """(best checkpoint, training minutes) of the newest finished run of ``cfg`` (same seed and epochs), if any."""
     for run_dir in sorted((Path(cfg.output_dir) / cfg.name).glob("*/"), reverse=True):
         saved = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
-        done = (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        done = (run_dir / "checkpoints" / "best.ckpt").is_file() and _last_epoch(run_dir) == cfg.trainer.max_epochs - 1
         if saved is None or not done or saved.seed != cfg.seed or saved.trainer.max_epochs != cfg.trainer.max_epochs:
             continue
         last = max(p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file() and "eval_" not in str(p))
         return run_dir / "checkpoints" / "best.ckpt", (last - (run_dir / "config.yaml").stat().st_mtime) / 60
     return None
+
+
+def _last_epoch(run_dir: Path) -> int | None:
+    """The last epoch in the run's metrics.csv (a run killed part-way has checkpoints too, but fewer epochs)."""
+    try:
+        with (run_dir / "logs" / "metrics.csv").open() as f:
+            return max(int(row["epoch"]) for row in csv.DictReader(f) if row.get("epoch"))
+    except (OSError, ValueError, KeyError):  # no file, no rows, no epoch column
+        return None
 
 
 def run(experiment: str, seed: int, epochs: int | None, reuse: bool = False) -> dict:
