@@ -178,11 +178,16 @@ def _bad_images(folder):
     return out
 
 
-def test_one_bad_image_gives_one_line_naming_it_and_writes_nothing(tmp_path, capsys):
-    ckpt = save_checkpoint(tmp_path / "probe.ckpt", C2F_PROBE, ["tip"])
+@pytest.mark.parametrize("source", ["checkpoint", "onnx_export"])  # the torch path, and the numpy one (h3de.deploy)
+def test_one_bad_image_gives_one_line_naming_it_and_writes_nothing(tmp_path, capsys, source):
+    model = save_checkpoint(tmp_path / "probe.ckpt", C2F_PROBE, ["tip"])
+    if source == "onnx_export":
+        from h3de.export import export
+
+        model = export(model, "onnx", tmp_path / "export").out_dir
     for name, (path, words) in _bad_images(tmp_path / "bad").items():
         out = tmp_path / f"out_{name}"
-        assert main(["predict", str(ckpt), str(path), "--out", str(out), "--no-progress"]) == 2, name
+        assert main(["predict", str(model), str(path), "--out", str(out), "--no-progress"]) == 2, name
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and path.name in err and words.lower() in err.lower(), (name, err)
         assert "DataError" not in err and "Traceback" not in err and not out.exists(), (name, err)

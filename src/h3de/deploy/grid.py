@@ -117,8 +117,8 @@ def _axis_aligned(linear: np.ndarray) -> list[int] | None:
 
 def _interpolate_axis(volume: np.ndarray, axis: int, coords: np.ndarray, padding: str) -> np.ndarray:
     """Linear interpolation of ``volume`` along ``axis`` at ``coords`` (voxels): trilinear sampling is separable on
-    an axis-aligned grid, and three 1D passes cost a fraction of scipy's per-voxel 3D interpolation (0.08 s against
-    0.43 s for a 200 x 220 x 160 volume resampled to 1.5 mm, one thread)."""
+    an axis-aligned grid, and three 1D passes over the block read cost a fraction of scipy's per-voxel 3D
+    interpolation."""
     size = volume.shape[axis]
     if padding == "zeros":  # one zero voxel each side: a neighbour outside counts as 0, and farther out both are
         widths = [(0, 0)] * volume.ndim
